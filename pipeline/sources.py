@@ -1,0 +1,157 @@
+"""Dataset sources: turning what the user named into something every worker can read.
+
+Workers may run on other machines than the submitter, so a local folder or archive is uploaded
+to the store at submit time (``prepare_source``) and its digest enters the ingest stage's key;
+workers then read it from the store (``materialize_source``). A folder travels as a
+deterministic tar (sorted names, zeroed times and owners), so the same files give the same digest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.data import ARCHIVE_SUFFIXES, dataset_root, is_archive, safe_extract
+from pipeline.errors import ConfigError
+from pipeline.hashing import canonical_json, sha256_bytes, sha256_file
+from pipeline.store import S3Store, Store
+
+SKIPPED_MEMBER = ".qpipe-skipped.json"
+
+
+def _local_path(value: str) -> Path:
+    if value.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(value).path))
+    return Path(value).expanduser()
+
+
+def _suffix(name: str) -> str:
+    low = name.lower()
+    return next(s for s in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True) if low.endswith(s))
+
+
+def folder_to_tar(root: Path, dest: Path) -> Path:
+    """A reproducible tar of an ImageFolder. Symlinks to files inside ``root`` are stored as the
+    files they point to; symlinks leading outside are left out and listed in a member named
+    ``.qpipe-skipped.json`` so that ingest reports them."""
+    real_root = root.resolve()
+    skipped: list[dict[str, str]] = []
+
+    def add(tf: tarfile.TarFile, path: Path, arcname: str) -> None:
+        info = tarfile.TarInfo(arcname)
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        if path.is_dir():
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(info)
+            return
+        info.size, info.mode = path.stat().st_size, 0o644
+        with open(path, "rb") as f:
+            tf.addfile(info, f)
+
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames.sort()
+            base = Path(dirpath)
+            for name in sorted(dirnames) + sorted(filenames):
+                p = base / name
+                rel = os.path.relpath(p, root)
+                if p.is_symlink():
+                    target = p.resolve()
+                    if not target.is_relative_to(real_root) or not target.exists():
+                        skipped.append({"file": rel.encode("utf-8", "backslashreplace").decode(),
+                                        "reason": "symlink points outside the dataset"})
+                        continue
+                    if target.is_dir():
+                        skipped.append({"file": rel.encode("utf-8", "backslashreplace").decode(),
+                                        "reason": "symlinked folder is not followed"})
+                        continue
+                elif not (p.is_file() or p.is_dir()):
+                    skipped.append({"file": rel, "reason": "not a regular file"})
+                    continue
+                add(tf, p, rel)
+        data = canonical_json(skipped).encode()
+        info = tarfile.TarInfo(SKIPPED_MEMBER)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        tf.addfile(info, io.BytesIO(data))
+    return dest
+
+
+def _s3_source_store(uri: str) -> tuple[S3Store, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return S3Store(f"s3://{bucket}"), key.strip("/")
+
+
+def prepare_source(value: str | None, store: Store) -> dict[str, Any] | None:
+    """Describe (and, for local data, upload) a dataset source. Runs on the submitting machine."""
+    if value is None:
+        return None
+    if value.startswith("builtin:"):
+        import sklearn
+
+        return {"kind": "builtin", "name": value.split(":", 1)[1],
+                "sha256": sha256_bytes(f"{value}:scikit-learn-{sklearn.__version__}".encode())}
+    if value.startswith("s3://"):
+        src, key = _s3_source_store(value)
+        if is_archive(key):
+            st = src._call("stat", lambda: src.client.stat_object(src.bucket, key))
+            digest = sha256_bytes(canonical_json([value, st.etag, st.size]).encode())
+            return {"kind": "s3-archive", "uri": value, "sha256": digest}
+        keys = src.list(key) if key else []
+        if not keys:
+            raise ConfigError(f"data source {value} holds no objects: check the bucket and prefix")
+        listing = [[k, src._call("stat", lambda k=k: src.client.stat_object(src.bucket, k).etag)] for k in keys]
+        return {"kind": "s3-folder", "uri": value, "sha256": sha256_bytes(canonical_json(listing).encode())}
+    path = _local_path(value)
+    if not path.exists():
+        raise ConfigError(f"data source {value} does not exist: give an existing folder or archive "
+                          "(relative paths resolve against the spec file's folder)")
+    with tempfile.TemporaryDirectory() as tmp:
+        if path.is_dir():
+            archive, suffix = folder_to_tar(path, Path(tmp) / "data.tar"), ".tar"
+        elif is_archive(path.name):
+            archive, suffix = path, _suffix(path.name)
+        else:
+            raise ConfigError(f"data source {value} is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive")
+        digest = sha256_file(archive)
+        key = f"sources/{digest}{suffix}"
+        ref = store.put_file(key, archive) if not store.exists(key) else None
+        uri = ref.uri if ref else store.url(key)
+    return {"kind": "archive", "uri": uri, "sha256": digest, "name": path.name}
+
+
+def materialize_source(desc: dict[str, Any], store: Store, workdir: Path, max_bytes: int) -> tuple[Path, list[dict]]:
+    """Make a described source readable as a local ImageFolder; returns its root and the files
+    left out before upload. Runs on a worker."""
+    kind = desc["kind"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    if kind == "archive":
+        suffix = _suffix(desc["uri"])
+        local = store.fetch({"uri": desc["uri"], "sha256": desc["sha256"], "size": 0}, workdir / f"src{suffix}")
+    elif kind == "s3-archive":
+        src, key = _s3_source_store(desc["uri"])
+        local = src.get_file(key, workdir / f"src{_suffix(key)}")
+    elif kind == "s3-folder":
+        src, key = _s3_source_store(desc["uri"])
+        root = workdir / "folder"
+        for k in src.list(key):
+            rel = k[len(key):].lstrip("/")
+            src.get_file(k, root / rel)
+        return dataset_root(root), []
+    else:
+        raise ConfigError(f"unknown source kind {kind!r}")
+    root = safe_extract(local, workdir / "extracted", max_bytes)
+    local.unlink()
+    skipped: list[dict] = []
+    marker = workdir / "extracted" / SKIPPED_MEMBER
+    if marker.exists():
+        skipped = json.loads(marker.read_text())
+        marker.unlink()
+        root = dataset_root(workdir / "extracted")
+    return root, skipped

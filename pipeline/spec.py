@@ -1,0 +1,268 @@
+"""The pipeline spec: one pydantic model, validated once at the edge (before anything is
+enqueued). Workers only re-parse the JSON they are sent.
+
+Every refusal names the field and says how to fix it; see ``load_spec``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import SpecError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
+URI_SCHEMES = ("file://", "s3://")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME_RE.match(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '/' or '..'"
+        )
+    return value
+
+
+class DataSpec(_Strict):
+    source: str = "builtin:digits"
+    val_source: str | None = None
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    image_size: int = Field(64, ge=16, le=1024)
+    calib_size: int = Field(256, ge=1, le=100_000)
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="images with more pixels are skipped (decompression bombs)"
+    )
+    max_archive_bytes: int = Field(
+        4 * 1024**3, ge=1, description="an archive that expands past this is refused"
+    )
+
+    @field_validator("source", "val_source")
+    @classmethod
+    def _source_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.strip():
+            raise ValueError("is empty: give builtin:digits, a folder, or a file:// or s3:// URI")
+        if value.startswith("builtin:") and value != "builtin:digits":
+            raise ValueError(f"unknown builtin dataset {value!r}: the only one is builtin:digits")
+        if "://" in value and not value.startswith(URI_SCHEMES):
+            raise ValueError(f"unsupported URI scheme in {value!r}: use file://, s3:// or a path")
+        return value
+
+
+class ModelSpec(_Strict):
+    arch: str = "resnet18"
+    weights: str | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        archs = classification_archs()
+        if value not in archs:
+            close = difflib.get_close_matches(value, archs, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
+            raise ValueError(f"unknown arch {value!r}: {hint}")
+        return value
+
+    @model_validator(mode="after")
+    def _known_weights(self) -> ModelSpec:
+        w = self.weights
+        if w is None or w.startswith(URI_SCHEMES) or "/" in w or w.endswith((".pt", ".pth")):
+            return self
+        names = weight_names(self.arch)
+        if w not in names:
+            raise ValueError(
+                f"weights {w!r} do not exist for {self.arch}: use one of "
+                f"{', '.join(names) or '(none)'}, null, or a checkpoint URI (file://, s3://)"
+            )
+        return self
+
+
+class FinetuneSpec(_Strict):
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    lr: float = Field(0.001, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    freeze_backbone: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class VariantSpec(_Strict):
+    name: str
+    method: Literal["static", "dynamic", "qat"]
+    observer: Literal["minmax", "moving_average_minmax", "histogram"] | None = None
+    per_channel: bool = True
+    epochs: int | None = Field(None, ge=1, le=1000)
+    lr: float | None = Field(None, gt=0.0, le=10.0)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value == "fp32":
+            raise ValueError("'fp32' is the baseline's name: pick another variant name")
+        return _check_name(value, "variant name")
+
+    @model_validator(mode="after")
+    def _fields_fit_method(self) -> VariantSpec:
+        if self.method == "static" and self.observer is None:
+            self.observer = "histogram"
+        if self.method != "static" and self.observer is not None:
+            raise ValueError(
+                f"observer is only used by method: static (variant {self.name!r} is "
+                f"{self.method}): remove it"
+            )
+        if self.method != "qat":
+            extra = [k for k in ("epochs", "lr", "batch_size") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)} only apply to method: qat (variant {self.name!r} is "
+                    f"{self.method}): remove them"
+                )
+        else:
+            self.epochs = self.epochs or 1
+            self.lr = self.lr or 1e-4
+        if self.method == "dynamic" and not self.per_channel:
+            raise ValueError("dynamic quantization uses per-channel weights: remove per_channel")
+        return self
+
+
+class QuantizeSpec(_Strict):
+    backend: Literal["x86", "qnnpack"] = "x86"
+    variants: list[VariantSpec] = Field(min_length=1)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, value: list[VariantSpec]) -> list[VariantSpec]:
+        seen: set[str] = set()
+        for v in value:
+            if v.name in seen:
+                raise ValueError(f"variant name {v.name!r} is used twice: names must be unique")
+            seen.add(v.name)
+        return value
+
+
+class BenchmarkSpec(_Strict):
+    batch_sizes: list[int] = Field([1, 32], min_length=1)
+    threads: int = Field(1, ge=1, le=256)
+    accuracy_budget: float = Field(0.01, ge=0.0, le=1.0)
+    warmup: int = Field(3, ge=0, le=1000)
+    iterations: int = Field(20, ge=1, le=100_000)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if any(b < 1 or b > 4096 for b in value):
+            raise ValueError("batch sizes must be between 1 and 4096")
+        if len(set(value)) != len(value):
+            raise ValueError("batch sizes must be unique")
+        return sorted(value)
+
+
+class PipelineSpec(_Strict):
+    name: str
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    quantize: QuantizeSpec
+    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "name")
+
+    def static_variants(self) -> list[VariantSpec]:
+        return [v for v in self.quantize.variants if v.method == "static"]
+
+
+@functools.cache
+def classification_archs() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def weight_names(arch: str) -> list[str]:
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (KeyError, ValueError):
+        return []
+    return ["DEFAULT", *[w.name for w in enum]]
+
+
+def _resolve_path(value: str | None, base: Path) -> str | None:
+    """Make a relative local path absolute against the spec file's folder."""
+    if value is None or value.startswith("builtin:") or "://" in value:
+        return value
+    if "/" not in value and not value.endswith((".pt", ".pth", ".tar", ".zip", ".gz", ".tgz")):
+        # a bare word such as a torchvision weights name, not a path
+        if not (base / value).exists():
+            return value
+    return str((base / value).expanduser().resolve())
+
+
+def _explain(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = ".".join(str(p) for p in e["loc"][:-1]) or "the top level"
+            problems.append(f"{loc}: unknown key in {parent}: remove it or check its spelling")
+        elif e["type"] == "missing":
+            problems.append(f"{loc}: required field is missing: add it")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg} (got {e.get('input')!r})")
+    return problems
+
+
+def parse_spec(data: Any, *, base_dir: str | Path | None = None, source: str = "spec") -> PipelineSpec:
+    """Validate a spec given as a dict (or an existing PipelineSpec).
+
+    Relative local paths in ``data.source``, ``data.val_source`` and ``model.weights`` resolve
+    against ``base_dir`` (the spec file's folder; the current folder if None).
+    """
+    if isinstance(data, PipelineSpec):
+        return data
+    if not isinstance(data, dict):
+        raise SpecError([f"the spec must be a mapping of keys to values, got {type(data).__name__}"], source)
+    base = Path(base_dir or ".").resolve()
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_explain(err), source) from None
+    spec.data.source = _resolve_path(spec.data.source, base)  # type: ignore[assignment]
+    spec.data.val_source = _resolve_path(spec.data.val_source, base)
+    spec.model.weights = _resolve_path(spec.model.weights, base)
+    return spec
+
+
+def load_spec(spec: str | Path | dict | PipelineSpec) -> PipelineSpec:
+    """Load and validate a spec from a YAML path, a dict or a PipelineSpec."""
+    if isinstance(spec, (dict, PipelineSpec)):
+        return parse_spec(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise SpecError([f"no spec file at {path}: check the path"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SpecError([f"not valid YAML: {err}"], str(path)) from None
+    return parse_spec(data, base_dir=path.parent, source=str(path))

@@ -1,0 +1,63 @@
+"""benchmark (cpu): load a deployable artifact the way a user would (``torch.jit.load``),
+measure top-1 on the validation split, latency per batch size after warm-up, throughput and
+size, and store the artifact next to a manifest that carries those measurements."""
+
+from __future__ import annotations
+
+from pipeline.bench import measure_latency, threads
+from pipeline.quant import load_torchscript, set_engine
+from pipeline.stages import StageContext, register
+from pipeline.stages.common import load_split, norm
+from pipeline.store import ArtifactRef
+from pipeline.train import evaluate, normalize
+
+
+@register("benchmark", version=1, queue="cpu")
+def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
+    import torch
+
+    data, producer = inputs["data"], inputs["model"]
+    set_engine(cfg["backend"])
+    model_ref = producer["outputs"]["model"]
+    model = load_torchscript(ctx.fetch(model_ref, "model.ts"))
+    xv, yv = load_split(ctx, data, "val")
+    n = norm(data)
+    with threads(cfg["threads"]):
+        def on_batch(done: int, total: int) -> None:
+            ctx.progress(0.5 * done / total, f"accuracy {min(done * 64, len(yv))}/{len(yv)} images")
+            ctx.check_cancelled()
+
+        acc = evaluate(model, xv, yv, batch_size=64, on_batch=on_batch, **n)["accuracy"]
+        latency = {}
+        for i, bs in enumerate(cfg["batch_sizes"]):
+            ctx.progress(0.5 + 0.5 * i / len(cfg["batch_sizes"]), f"latency at batch {bs}")
+            ctx.check_cancelled(every=0.0)
+            idx = torch.arange(bs) % len(xv)
+            latency[str(bs)] = measure_latency(model, normalize(xv[idx], **n), warmup=cfg["warmup"],
+                                               iterations=cfg["iterations"])
+    artifact = ctx.store.copy(ArtifactRef.from_dict(model_ref), f"{ctx.prefix}/model.ts")
+    return {
+        "name": cfg["variant"],
+        "method": cfg["method"],
+        "classes": data["classes"],
+        "preprocess": data["preprocess"],
+        "format": producer.get("format", "torchscript"),
+        "load_with": "torch.jit.load",
+        "backend": cfg["backend"],
+        "metrics": {
+            "accuracy_top1": acc,
+            "latency_ms_p50": {bs: round(v["p50_ms"], 4) for bs, v in latency.items()},
+            "latency_ms_p95": {bs: round(v["p95_ms"], 4) for bs, v in latency.items()},
+            "throughput_ips": {bs: round(v["throughput_ips"], 2) for bs, v in latency.items()},
+            "size_bytes": artifact.size,
+            "threads": cfg["threads"],
+            "val_images": len(yv),
+        },
+        "int8_layers": producer.get("int8_layers"),
+        "fp32_layers": producer.get("fp32_layers"),
+        "layers": producer.get("layers", []),
+        "history": producer.get("history", []),
+        "produced_by": {"stage": producer["stage"], "key": producer["key"], "model_sha256": model_ref["sha256"]},
+        "spec_sha256": ctx.extra.get("spec_sha256"),
+        "outputs": {"model": artifact.to_dict()},
+    }

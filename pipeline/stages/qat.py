@@ -1,0 +1,39 @@
+"""qat (gpu queue): quantization-aware fine-tuning from the fp32 checkpoint, then int8."""
+
+from __future__ import annotations
+
+from pipeline.quant import convert_qat, count_layers, export_torchscript, layer_table, prepare_qat
+from pipeline.stages import StageContext, register
+from pipeline.stages.common import example_input, load_fp32, load_split, norm
+from pipeline.train import pick_device, train_epochs
+
+
+@register("qat", version=1, queue="gpu")
+def qat(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
+    data, fp32 = inputs["data"], inputs["model"]
+    device = pick_device(cfg["device"])
+    example = example_input(data)
+    prepared = prepare_qat(load_fp32(ctx, fp32, data), example, backend=cfg["backend"], arch=cfg["arch"])
+    x, y = load_split(ctx, data, "train")
+    xv, yv = load_split(ctx, data, "val")
+    history = train_epochs(prepared, ctx, x, y, xv, yv, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                           lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=0.0, device=device, seed=cfg["seed"],
+                           label="qat epoch", **norm(data))
+    qmodel = convert_qat(prepared)
+    rows = layer_table(qmodel)
+    int8, fp = count_layers(rows)
+    path = export_torchscript(qmodel, example, ctx.workdir / "model.ts")
+    return {
+        "classes": data["classes"],
+        "preprocess": data["preprocess"],
+        "method": "qat",
+        "backend": cfg["backend"],
+        "history": history,
+        "device": device.type,
+        "resumed_from_epoch": ctx.extra.get("resumed_from_epoch", 0),
+        "layers": rows,
+        "int8_layers": int8,
+        "fp32_layers": fp,
+        "format": "torchscript",
+        "outputs": {"model": ctx.put("model.ts", path)},
+    }

@@ -1,0 +1,1 @@
+"""qpipe workers: Celery app, tasks, CLI and local server helpers."""

@@ -1,0 +1,90 @@
+"""The Celery app: queues, routing and the settings that make long ML stages safe to run.
+
+Importing this module is cheap and side-effect free: it imports neither torch nor the stages,
+so a prefork parent never initialises CUDA (the stages import torch inside the task, in the
+process that runs them).
+
+Settings (overridable through the environment):
+- JSON only, for task messages, results and events (``accept_content=["json"]``): a pickled
+  message is refused, never deserialised.
+- ``task_acks_late`` + ``task_reject_on_worker_lost`` + ``worker_prefetch_multiplier=1``: a
+  message is acknowledged only after its stage finished, and a worker holds one message at a time,
+  so a worker that dies loses nothing; the message is delivered again.
+- Redis ``visibility_timeout`` above the longest stage's hard time limit plus the retry backoff
+  ceiling: a stage that is still running is not handed to a second worker.
+- Results (chord counters included) expire after 7 days, longer than any pipeline's span.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+QUEUES = ("cpu", "gpu")
+# the stages and the queue each runs on; tests check this equals pipeline.stages' registry
+STAGE_QUEUES = {
+    "ingest": "cpu",
+    "finetune": "gpu",
+    "calibrate": "cpu",
+    "quantize": "cpu",
+    "qat": "gpu",
+    "benchmark": "cpu",
+    "report": "cpu",
+}
+STAGE_TIME_LIMIT = int(os.environ.get("QPIPE_STAGE_TIME_LIMIT", 6 * 3600))  # hard limit, seconds
+RETRY_BACKOFF_MAX = int(os.environ.get("QPIPE_RETRY_BACKOFF_MAX", 300))
+VISIBILITY_TIMEOUT = int(os.environ.get("QPIPE_VISIBILITY_TIMEOUT", STAGE_TIME_LIMIT + RETRY_BACKOFF_MAX + 600))
+
+
+def broker_url(explicit: str | None = None) -> str | None:
+    return explicit or os.environ.get("QPIPE_BROKER_URL") or None
+
+
+def configure(app: Celery, url: str) -> Celery:
+    """Point ``app`` at a Redis/Valkey broker (which also stores results and run status)."""
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT, "socket_timeout": 30, "socket_connect_timeout": 10,
+                 "retry_on_timeout": True, "health_check_interval": 25}
+    app.conf.update(
+        broker_url=url,
+        result_backend=url,
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT, "retry_policy": {"timeout": 10.0}},
+    )
+    return app
+
+
+def create_app(url: str | None = None) -> Celery:
+    app = Celery("qpipe", include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(q, routing_key=q) for q in QUEUES],
+        task_default_queue="cpu",
+        task_routes={f"qpipe.{stage}": {"queue": queue} for stage, queue in STAGE_QUEUES.items()},
+        task_time_limit=STAGE_TIME_LIMIT,
+        task_soft_time_limit=max(STAGE_TIME_LIMIT - 60, 1),
+        result_expires=7 * 24 * 3600,
+        result_extended=True,
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_max_memory_per_child=int(os.environ.get("QPIPE_WORKER_MAX_MEMORY_KB", 8 * 1024 * 1024)),
+        broker_connection_retry_on_startup=True,
+        broker_channel_error_retry=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_deduplicate_successful_tasks=False,
+    )
+    return configure(app, broker_url(url) or DEFAULT_BROKER)
+
+
+app = create_app()

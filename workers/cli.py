@@ -1,0 +1,260 @@
+"""The ``qpipe`` command line.
+
+    qpipe run SPEC.yaml [--broker URL] [--store URI] [--output-json PATH]
+    qpipe submit SPEC.yaml [--broker URL] [--store URI]
+    qpipe status RUN_ID [--broker URL] [--store URI] [--json]
+    qpipe watch RUN_ID [--broker URL] [--store URI]
+    qpipe cancel RUN_ID [--broker URL]
+    qpipe worker --queues cpu|gpu|cpu,gpu [--broker URL] [--store URI] [--concurrency N]
+
+Exit status: 0 when the run succeeded, 1 when it failed or was cancelled, 2 when the spec or
+the configuration was refused (nothing was enqueued), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+log = logging.getLogger("qpipe")
+
+
+def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
+    p.add_argument("--broker", help="Redis/Valkey URL (default: $QPIPE_BROKER_URL)")
+    if store:
+        p.add_argument("--store", help="artifact store URI, file:///dir or s3://bucket/prefix "
+                                       "(default: $QPIPE_STORE_URI)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qpipe", description="Fine-tune, quantize and benchmark torchvision "
+                                 "classifiers as a distributed pipeline.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a pipeline and wait for it (embedded default without a broker)")
+    p.add_argument("spec")
+    _common(p)
+    p.add_argument("--output-json", help="write the run summary to this file")
+    p.add_argument("--no-progress", action="store_true", help="print stage changes only")
+    p.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    p = sub.add_parser("submit", help="enqueue a pipeline and print its run id")
+    p.add_argument("spec")
+    _common(p)
+    p = sub.add_parser("status", help="show a run's status")
+    p.add_argument("run_id")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = sub.add_parser("watch", help="follow a run until it ends")
+    p.add_argument("run_id")
+    _common(p)
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("cancel", help="cancel a run")
+    p.add_argument("run_id")
+    _common(p, store=False)
+    p = sub.add_parser("worker", help="start a worker for the cpu and/or gpu queue")
+    p.add_argument("--queues", default="cpu", help="cpu, gpu or cpu,gpu")
+    _common(p)
+    p.add_argument("--concurrency", type=int, default=1, help="processes (prefork) for the cpu queue")
+    p.add_argument("--pool", choices=["prefork", "solo", "threads"], default=None,
+                   help="default: solo when the gpu queue is served (CUDA is never initialised in a fork), "
+                        "prefork otherwise")
+    p.add_argument("--hostname", default=None, help="Celery node name (default: qpipe-QUEUES-PID@HOST)")
+    p.add_argument("--loglevel", default="INFO")
+    return ap
+
+
+# ------------------------------------------------------------------------------- printing
+
+def _fmt_stage(s: dict[str, Any]) -> str:
+    worker = f" on {s['worker']}" if s.get("worker") else ""
+    extra = f"  {s['detail']}" if s.get("detail") and s["state"] == "running" else ""
+    err = f"  {s['error']}" if s.get("error") and s["state"] in ("failed", "retrying", "cancelled") else ""
+    pct = f" {100 * (s.get('progress') or 0):5.1f}%" if s["state"] == "running" else ""
+    return f"{s['id']:<28} {s['state']:<9}{pct}{worker}{extra}{err}"
+
+
+def follow(handle, *, progress: bool = True, timeout: float | None = None, out=sys.stdout) -> dict[str, Any]:
+    """Print a line whenever a stage changes state (and, with ``progress``, every ~10% of
+    progress); return the final summary."""
+    seen: dict[str, tuple[str, int]] = {}
+    t0 = time.monotonic()
+
+    def on_update(st: dict[str, Any]) -> None:
+        for s in st.get("stages", []):
+            bucket = int((s.get("progress") or 0) * 10) if progress and s["state"] == "running" else 0
+            mark = (s["state"], bucket)
+            if seen.get(s["id"]) != mark:
+                seen[s["id"]] = mark
+                print(f"[{time.monotonic() - t0:7.1f}s] {_fmt_stage(s)}", file=out, flush=True)
+
+    return handle.wait(timeout=timeout, poll=0.5, on_update=on_update)
+
+
+def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
+    from pipeline.report import text_table
+
+    print("", file=out)
+    print(f"run {summary.get('run_id')}: {summary.get('status')}", file=out)
+    if summary.get("baseline") or summary.get("variants"):
+        print(text_table(summary), file=out)
+    if summary.get("selected"):
+        print(f"selected: {summary['selected']} ({summary.get('selection_reason', '')})", file=out)
+    elif summary.get("selection_reason"):
+        print(f"selected: none ({summary['selection_reason']})", file=out)
+    for f in summary.get("failures") or []:
+        print(f"failed: {f['stage']} {f.get('variant') or ''}: {f['error']}", file=out)
+    if summary.get("error"):
+        print(f"error: {summary['error']}", file=out)
+    if summary.get("report"):
+        print(f"report: {summary['report']}", file=out)
+
+
+def _exit_for(summary: dict[str, Any]) -> int:
+    return EXIT_OK if summary.get("status") == "SUCCESS" else EXIT_FAILED
+
+
+# ------------------------------------------------------------------------------- commands
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.spec import load_spec
+    from workers.app import broker_url
+    from workers.client import Client
+
+    spec = load_spec(args.spec)  # refuse a bad spec before starting anything
+    broker = broker_url(args.broker)
+    cluster = None
+    try:
+        if broker is None:
+            from workers.embedded import EmbeddedCluster
+
+            print("no broker configured: starting the embedded default (Valkey + a cpu and a gpu worker)",
+                  flush=True)
+            cluster = EmbeddedCluster(store=args.store or os.environ.get("QPIPE_STORE_URI")).start()
+            broker, store = cluster.broker, cluster.store
+            print(f"artifacts: {store}", flush=True)
+        else:
+            store = args.store
+        handle = Client(broker, store).submit(spec)
+        print(f"run {handle.run_id} submitted", flush=True)
+        try:
+            summary = follow(handle, progress=not args.no_progress, timeout=args.timeout)
+        except KeyboardInterrupt:
+            handle.cancel()
+            raise
+        summary.pop("stages", None)
+        print_summary(summary)
+        if args.output_json:
+            Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
+        return _exit_for(summary)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from workers.client import Client
+
+    handle = Client(args.broker, args.store).submit(args.spec)
+    print(handle.run_id)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from workers.client import Client
+
+    st = Client(args.broker, args.store).run(args.run_id).status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        for s in st.get("stages", []):
+            print(_fmt_stage(s))
+        print_summary(st)
+    return EXIT_OK if st["status"] in ("SUCCESS", "RUNNING", "PENDING") else EXIT_FAILED
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from workers.client import Client
+
+    summary = follow(Client(args.broker, args.store).run(args.run_id), progress=not args.no_progress)
+    summary.pop("stages", None)
+    print_summary(summary)
+    return _exit_for(summary)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from workers.client import Client
+
+    handle = Client(args.broker).run(args.run_id)
+    if not handle._state.exists():
+        print(f"no run {args.run_id!r} in the broker", file=sys.stderr)
+        return EXIT_FAILED
+    handle.cancel()
+    print(f"cancel requested for {args.run_id}")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import socket
+
+    from workers.app import app, broker_url, configure
+    from workers.client import check_broker
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    bad = [q for q in queues if q not in ("cpu", "gpu")]
+    if bad or not queues:
+        raise SystemExit(f"qpipe worker: unknown queue(s) {bad}: use cpu, gpu or cpu,gpu")
+    url = broker_url(args.broker)
+    if not url:
+        raise SystemExit("qpipe worker: no broker: pass --broker or set QPIPE_BROKER_URL")
+    check_broker(url)
+    if args.store:
+        os.environ["QPIPE_STORE_URI"] = args.store
+        from pipeline.store import open_store
+
+        open_store(args.store).check()
+    configure(app, url)
+    pool = args.pool or ("solo" if "gpu" in queues else "prefork")
+    node = args.hostname or f"qpipe-{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
+    argv = ["worker", "-Q", ",".join(queues), "-P", pool, "-n", node, "--loglevel", args.loglevel,
+            "--without-gossip", "--without-mingle"]
+    if pool != "solo":
+        argv += ["--concurrency", str(args.concurrency)]
+    app.worker_main(argv)
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "watch": cmd_watch,
+            "cancel": cmd_cancel, "worker": cmd_worker}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.errors import ConfigError, SpecError
+
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as err:
+        print(f"qpipe: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ConfigError as err:
+        print(f"qpipe: refused: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyError as err:
+        print(f"qpipe: {err.args[0] if err.args else err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("qpipe: interrupted; everything started here was stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

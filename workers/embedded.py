@@ -1,0 +1,118 @@
+"""The embedded default: a private Valkey server on a free loopback port, one cpu-queue and
+one gpu-queue worker process, and a ``file://`` store under ``QPIPE_HOME`` (default:
+``./.qpipe``). ``qpipe run`` without a broker uses it; everything it starts is stopped when the
+run ends, on errors and on Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from workers.servers import RedisServer, ServerProcess
+
+log = logging.getLogger(__name__)
+
+
+def qpipe_home() -> Path:
+    return Path(os.environ.get("QPIPE_HOME", ".qpipe")).expanduser().resolve()
+
+
+class WorkerProcess(ServerProcess):
+    """A ``qpipe worker`` child process; ready once Celery logs that the node is ready."""
+
+    name = "worker"
+
+    def __init__(self, queues: str, broker: str, store: str, base_dir: Path, *, concurrency: int = 1,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.queues = queues
+        self.broker = broker
+        self.store = store
+        self.concurrency = concurrency
+        self.extra_args = extra_args
+        self.node = f"qpipe-{queues.replace(',', '-')}-{secrets.token_hex(3)}@{socket.gethostname()}"
+        super().__init__(base_dir, startup_timeout=120.0, stop_timeout=30.0,
+                         log_name=f"worker-{queues.replace(',', '-')}.log")
+
+    def __repr__(self) -> str:
+        return f"WorkerProcess({self.node})"
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "workers.cli", "worker", "--queues", self.queues, "--broker", self.broker,
+                "--store", self.store, "--concurrency", str(self.concurrency), "--hostname", self.node,
+                *self.extra_args]
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
+
+    def _wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self.log_path.exists() and f"{self.node} ready." in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.node} did not report ready")
+
+
+class EmbeddedCluster:
+    """Context manager: ``with EmbeddedCluster() as c: Client(c.broker, c.store)...``"""
+
+    def __init__(self, home: Path | None = None, store: str | None = None, cpu_concurrency: int = 1) -> None:
+        self.home = home or qpipe_home()
+        self.store = store or (self.home / "store").as_uri()
+        self.cpu_concurrency = cpu_concurrency
+        self.redis: RedisServer | None = None
+        self.workers: list[WorkerProcess] = []
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def broker(self) -> str:
+        assert self.redis is not None, "cluster not started"
+        return self.redis.url
+
+    def start(self) -> EmbeddedCluster:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="qpipe-embedded-")
+        base = Path(self._tmp.name)
+        try:
+            self.redis = RedisServer(data_dir=base / "broker").start()
+            self.workers = [WorkerProcess("cpu", self.redis.url, self.store, base / "logs",
+                                          concurrency=self.cpu_concurrency),
+                            WorkerProcess("gpu", self.redis.url, self.store, base / "logs")]
+            for w in self.workers:
+                w.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("embedded cluster up: broker %s, store %s", self.redis.url, self.store)
+        return self
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.node} ---\n{w.log_path.read_text(errors='replace')[-4000:]}"
+                         for w in self.workers if w.log_path.exists())
+
+    def stop(self) -> None:
+        for w in self.workers:
+            try:
+                w.stop()
+            except Exception:  # keep stopping the others
+                log.exception("stopping %r", w)
+        if self.redis is not None:
+            self.redis.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
