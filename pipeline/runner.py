@@ -67,6 +67,7 @@ def run_in_process(spec: PipelineSpec | dict | str, store: Store, *, run_id: str
     failures: list[dict] = []
     extra = {"spec_sha256": spec_digest(spec)}
     result = None
+    cached = 0
     for node in plan:
         upstream = [d["id"] for d in node["inputs"].values() if d["id"] in failed]
         if upstream and node["stage"] != "report":
@@ -75,7 +76,9 @@ def run_in_process(spec: PipelineSpec | dict | str, store: Store, *, run_id: str
         try:
             if node["stage"] == "report":
                 extra["failures"] = failures
+                extra["cached_stages"] = cached
             result = execute(node, store, run_id=run_id, extra=extra)
+            cached += result.cached
             if on_event:
                 on_event(node["id"], "cached" if result.cached else "done")
         except QpipeError as err:

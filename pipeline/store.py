@@ -284,7 +284,8 @@ class S3Store(Store):
                         "QPIPE_S3_ACCESS_KEY and QPIPE_S3_SECRET_KEY"
                     ) from None
                 if err.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-                    raise ArtifactMissing(f"no artifact at s3://{self.bucket}/{err._object_name}") from None
+                    raise ArtifactMissing(f"no artifact at s3://{self.bucket}/{getattr(err, 'object_name', '')} "
+                                          f"({what})") from None
                 if err.code in self.TRANSIENT_CODES:
                     raise TransientError(f"object store {self.endpoint}: {err.code}") from None
                 raise

@@ -102,6 +102,9 @@ def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
 
     print("", file=out)
     print(f"run {summary.get('run_id')}: {summary.get('status')}", file=out)
+    if summary.get("cached_stages"):
+        print(f"{summary['cached_stages']} stage(s) reused from the store's cache (same inputs, same config)",
+              file=out)
     if summary.get("baseline") or summary.get("variants"):
         print(text_table(summary), file=out)
     if summary.get("selected"):

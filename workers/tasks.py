@@ -86,6 +86,7 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
     if stage == "report":
         extra["failures"] = state.failures()
         extra["cancelled"] = state.cancel_requested()
+        extra["cached_stages"] = sum(1 for s in state.stages().values() if s["state"] == "cached")
     try:
         store = open_store(store_uri)
         result = execute(node, store, run_id=run_id, on_progress=on_progress, is_cancelled=state.cancel_requested,

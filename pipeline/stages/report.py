@@ -58,6 +58,7 @@ def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
             "skipped": data["skipped"] if data else [],
         },
         "failures": failures,
+        "cached_stages": int(ctx.extra.get("cached_stages", 0)),
         "history": {name: b.get("history", []) for name, b in benches.items() if b.get("history")},
     }
     layers = {name: b.get("layers", []) for name, b in benches.items()}

@@ -1,0 +1,87 @@
+"""Shared fixtures. The distributed ones start real servers on loopback: a Valkey broker, a
+SeaweedFS S3 server, and real ``qpipe worker`` processes for the cpu and gpu queues."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from workers.servers import RedisServer
+
+SMALL_SPEC = {
+    "name": "digits-small",
+    "seed": 0,
+    "data": {"source": "builtin:digits", "image_size": 32, "calib_size": 64},
+    "model": {"arch": "resnet18"},
+    "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
+    "quantize": {"backend": "x86", "variants": [
+        {"name": "ptq-minmax", "method": "static", "observer": "minmax"},
+        {"name": "ptq-histogram", "method": "static", "observer": "histogram"},
+        {"name": "dynamic", "method": "dynamic"},
+        {"name": "qat", "method": "qat", "epochs": 1, "lr": 0.001},
+    ]},
+    "benchmark": {"batch_sizes": [1, 8], "threads": 1, "warmup": 1, "iterations": 5, "accuracy_budget": 0.05},
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    from tests.servers import SeaweedS3Server
+
+    server = SeaweedS3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    server.make_bucket("qpipe")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server) -> Iterator[dict[str, str]]:
+    """QPIPE_S3_* set for this process and for the worker processes it starts."""
+    env = {"QPIPE_S3_ENDPOINT": s3_server.endpoint, "QPIPE_S3_ACCESS_KEY": s3_server.access_key,
+           "QPIPE_S3_SECRET_KEY": s3_server.secret_key, "QPIPE_S3_SECURE": "false"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(data_dir=tmp_path_factory.mktemp("broker"), appendonly=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(broker: RedisServer, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One cpu-queue and one gpu-queue worker process against the broker and the S3 store."""
+    from workers.embedded import WorkerProcess
+
+    store = "s3://qpipe/test"
+    logs = tmp_path_factory.mktemp("worker-logs")
+    workers = [WorkerProcess("cpu", broker.url, store, logs), WorkerProcess("gpu", broker.url, store, logs)]
+    try:
+        for w in workers:
+            w.start()
+        yield {"broker": broker.url, "store": store, "workers": workers}
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def worker_logs(cluster: dict) -> str:
+    return "\n".join(Path(w.log_path).read_text(errors="replace")[-6000:] for w in cluster["workers"])

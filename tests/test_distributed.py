@@ -1,0 +1,183 @@
+"""The distributed path end to end: real Valkey, real S3 (SeaweedFS), real worker processes
+for the cpu and gpu queues, the same Client the CLI uses. No mocks, no eager mode."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import SMALL_SPEC, worker_logs
+from workers.client import Client
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 600
+
+# Runs in a fresh interpreter without qpipe on its path: proves the artifact and its manifest
+# are enough to re-check the reported accuracy with plain PyTorch.
+RECHECK = r"""
+import json, sys, torch
+model = torch.jit.load(sys.argv[1])
+manifest = json.load(open(sys.argv[2]))
+shards = [torch.load(p, weights_only=True) for p in sys.argv[3:]]
+x = torch.cat([s["images"] for s in shards]); y = torch.cat([s["labels"] for s in shards])
+pre = manifest["preprocess"]
+assert x.shape[-1] == pre["crop"], (x.shape, pre)
+mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1); std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+correct = 0
+with torch.no_grad():
+    for i in range(0, len(y), 64):
+        out = model((x[i:i + 64].float() / 255 - mean) / std)
+        correct += (out.argmax(1) == y[i:i + 64]).sum().item()
+print(json.dumps({"accuracy": correct / len(y), "n": len(y), "classes": manifest["classes"]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster):
+    client = Client(cluster["broker"], cluster["store"])
+    t0 = time.monotonic()
+    handle = client.submit(copy.deepcopy(SMALL_SPEC))
+    summary = handle.wait(timeout=TIMEOUT)
+    assert summary["status"] == "SUCCESS", (summary, worker_logs(cluster))
+    return {"client": client, "handle": handle, "summary": summary, "seconds": time.monotonic() - t0}
+
+
+def _key(uri: str) -> str:
+    assert uri.startswith("s3://qpipe/"), uri
+    return uri[len("s3://qpipe/"):]
+
+
+def test_all_four_methods_succeed_and_are_benchmarked(first_run):
+    s = first_run["summary"]
+    assert s["baseline"]["name"] == "fp32" and s["baseline"]["format"] == "torchscript"
+    methods = {v["name"]: v["method"] for v in s["variants"]}
+    assert methods == {"ptq-minmax": "static", "ptq-histogram": "static", "dynamic": "dynamic", "qat": "qat"}
+    base = s["baseline"]
+    for v in s["variants"]:
+        assert 0.0 <= v["accuracy_top1"] <= 1.0
+        assert set(v["latency_ms_p50"]) == {"1", "8"} and all(t > 0 for t in v["latency_ms_p50"].values())
+        if v["method"] == "dynamic":  # only the classifier is int8; convolutions stay fp32
+            assert (v["int8_layers"], v["fp32_layers"]) == (1, 20)
+        else:  # static and QAT: every conv and linear of resnet18 runs in int8
+            assert (v["int8_layers"], v["fp32_layers"]) == (21, 0)
+            assert v["size_bytes"] < 0.3 * base["size_bytes"]
+    assert base["accuracy_top1"] > 0.5, "one epoch on digits should beat chance by far"
+    assert s["selected"] in methods
+    sel = next(v for v in s["variants"] if v["name"] == s["selected"])
+    assert base["accuracy_top1"] - sel["accuracy_top1"] <= s["accuracy_budget"] + 1e-9
+    assert s["data"] == {**s["data"], "classes": 10, "train": 1438, "val": 359}
+
+
+def test_stage_tasks_ran_on_their_queues(first_run):
+    stages = first_run["handle"].status()["stages"]
+    assert {s["state"] for s in stages} == {"done"}
+    by_id = {s["id"]: s for s in stages}
+    assert by_id["finetune"]["worker"].startswith("qpipe-gpu")
+    assert by_id["qat:qat"]["worker"].startswith("qpipe-gpu")
+    for sid in ("ingest", "calibrate:minmax", "calibrate:histogram", "quantize:dynamic", "benchmark:fp32", "report"):
+        assert by_id[sid]["worker"].startswith("qpipe-cpu"), by_id[sid]
+    # one calibration per distinct observer, shared by the variants that use it
+    assert sum(1 for s in stages if s["stage"] == "calibrate") == 2
+
+
+def test_artifacts_are_in_the_bucket(first_run, s3_server):
+    s = first_run["summary"]
+    client = s3_server.client()
+    names = {o.object_name for o in client.list_objects("qpipe", prefix="test/", recursive=True)}
+    run = first_run["handle"].run_id
+    assert f"test/runs/{run}/summary.json" in names and f"test/runs/{run}/report.md" in names
+    for entry in [s["baseline"], *s["variants"]]:
+        assert _key(entry["artifact"]) in names and _key(entry["manifest"]) in names
+        manifest = json.loads(client.get_object("qpipe", _key(entry["manifest"])).read())
+        assert manifest["classes"] == [str(i) for i in range(10)]
+        assert set(manifest["preprocess"]) == {"resize", "crop", "mean", "std", "interpolation"}
+        assert manifest["metrics"]["accuracy_top1"] == entry["accuracy_top1"]
+        assert manifest["spec_sha256"] and manifest["inputs"]["model"]["key"]
+    stored = json.loads(client.get_object("qpipe", f"test/runs/{run}/summary.json").read())
+    assert stored["selected"] == s["selected"] and stored["status"] == "SUCCESS"
+    # finetune checkpointed each epoch to the store
+    assert any("/finetune/" in n and "/checkpoints/epoch-0001.pt" in n for n in names)
+    assert not any(".tmp" in n for n in names)
+
+
+def test_int8_artifact_rechecks_with_plain_pytorch(first_run, s3_server, tmp_path):
+    s = first_run["summary"]
+    client = s3_server.client()
+    sel = next(v for v in s["variants"] if v["name"] == s["selected"])
+    model, manifest = tmp_path / "model.ts", tmp_path / "manifest.json"
+    client.fget_object("qpipe", _key(sel["artifact"]), str(model))
+    client.fget_object("qpipe", _key(sel["manifest"]), str(manifest))
+    data_key = json.loads(manifest.read_text())["inputs"]["data"]["key"]
+    shards = []
+    for o in client.list_objects("qpipe", prefix=f"test/stages/ingest/{data_key}/", recursive=True):
+        if Path(o.object_name).name.startswith("val-"):
+            shards.append(tmp_path / Path(o.object_name).name)
+            client.fget_object("qpipe", o.object_name, str(shards[-1]))
+    assert shards
+    out = subprocess.run([sys.executable, "-I", "-c", RECHECK, str(model), str(manifest), *map(str, shards)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["n"] == 359
+    assert abs(got["accuracy"] - sel["accuracy_top1"]) < 1e-9, (got, sel)
+
+
+def test_second_submission_is_served_from_cache(first_run):
+    client = first_run["client"]
+    t0 = time.monotonic()
+    handle = client.submit(copy.deepcopy(SMALL_SPEC))
+    summary = handle.wait(timeout=TIMEOUT)
+    seconds = time.monotonic() - t0
+    states = {s["id"]: s["state"] for s in handle.status()["stages"]}
+    assert summary["status"] == "SUCCESS"
+    assert states.pop("report") == "done"
+    assert set(states.values()) == {"cached"}, states
+    assert summary["cached_stages"] == len(states)
+    for a, b in zip(summary["variants"], first_run["summary"]["variants"], strict=True):
+        assert (a["artifact"], a["accuracy_top1"], a["latency_ms_p50"]) == \
+               (b["artifact"], b["accuracy_top1"], b["latency_ms_p50"])
+    assert seconds < first_run["seconds"] / 2, (seconds, first_run["seconds"])
+
+
+def _digit_folder(root: Path, per_class: int = 12) -> None:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for label in (0, 1, 7):
+        idx = np.flatnonzero(d.target == label)[:per_class]
+        (root / f"digit{label}").mkdir(parents=True)
+        for i in idx:
+            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8), mode="L")
+            img.save(root / f"digit{label}" / f"{i}.png")
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buf, format="JPEG")
+    (root / "digit1" / "broken.jpg").write_bytes(buf.getvalue()[:60])
+    (root / "digit7" / "notes.png").write_text("not an image")
+
+
+def test_image_folder_with_broken_files_is_skipped_and_reported(cluster, tmp_path):
+    _digit_folder(tmp_path / "data")
+    spec = {"name": "folder", "data": {"source": "data", "image_size": 16, "calib_size": 8, "val_fraction": 0.25},
+            "finetune": {"epochs": 1, "batch_size": 16},
+            "quantize": {"variants": [{"name": "ptq", "method": "static", "observer": "minmax"}]},
+            "benchmark": {"batch_sizes": [1], "iterations": 2, "warmup": 0, "accuracy_budget": 1.0}}
+    path = tmp_path / "spec.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec))
+    summary = Client(cluster["broker"], cluster["store"]).submit(path).wait(timeout=TIMEOUT)
+    assert summary["status"] == "SUCCESS", (summary, worker_logs(cluster))
+    skipped = {s["file"]: s["reason"] for s in summary["data"]["skipped"]}
+    assert set(skipped) == {"digit1/broken.jpg", "digit7/notes.png"}
+    assert "broken" in skipped["digit1/broken.jpg"] and "not an image" in skipped["digit7/notes.png"]
+    assert summary["data"]["classes"] == 3 and summary["data"]["train"] + summary["data"]["val"] == 36
+    assert summary["data"]["class_names"] == ["digit0", "digit1", "digit7"]
