@@ -39,7 +39,6 @@ def _upload_checkpoint(value: str, store: Store) -> dict[str, Any]:
     from pathlib import Path
 
     from pipeline.errors import ConfigError
-    from pipeline.hashing import sha256_file
 
     if value.startswith("s3://"):
         raise ConfigError("checkpoints in s3:// are read through the store: put the file under the store "
@@ -47,10 +46,8 @@ def _upload_checkpoint(value: str, store: Store) -> dict[str, Any]:
     path = Path(value.removeprefix("file://")).expanduser()
     if not path.is_file():
         raise ConfigError(f"checkpoint {value} does not exist: give a local .pt/.pth state_dict file")
-    digest = sha256_file(path)
-    key = f"weights/{digest}{path.suffix}"
-    ref = store.put_file(key, path) if not store.exists(key) else None
-    return {"kind": "checkpoint", "uri": ref.uri if ref else store.url(key), "sha256": digest, "size": path.stat().st_size}
+    ref = store.put_by_digest("weights", path, path.suffix)
+    return {"kind": "checkpoint", **ref.to_dict()}
 
 
 def spec_digest(spec: PipelineSpec) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.data import ARCHIVE_SUFFIXES, dataset_root, is_archive, safe_extract
 from pipeline.errors import ConfigError
-from pipeline.hashing import canonical_json, sha256_bytes, sha256_file
+from pipeline.hashing import canonical_json, sha256_bytes
 from pipeline.store import S3Store, Store
 
 SKIPPED_MEMBER = ".qpipe-skipped.json"
@@ -119,11 +119,8 @@ def prepare_source(value: str | None, store: Store) -> dict[str, Any] | None:
             archive, suffix = path, _suffix(path.name)
         else:
             raise ConfigError(f"data source {value} is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive")
-        digest = sha256_file(archive)
-        key = f"sources/{digest}{suffix}"
-        ref = store.put_file(key, archive) if not store.exists(key) else None
-        uri = ref.uri if ref else store.url(key)
-    return {"kind": "archive", "uri": uri, "sha256": digest, "name": path.name}
+        ref = store.put_by_digest("sources", archive, suffix)
+    return {"kind": "archive", "uri": ref.uri, "sha256": ref.sha256, "name": path.name}
 
 
 def materialize_source(desc: dict[str, Any], store: Store, workdir: Path, max_bytes: int) -> tuple[Path, list[dict]]:

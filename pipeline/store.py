@@ -108,6 +108,15 @@ class Store(ABC):
     def check(self) -> None:
         """Raise ConfigError or TransientError if the store cannot be used as configured."""
 
+    def put_by_digest(self, folder: str, path: str | Path, suffix: str = "") -> ArtifactRef:
+        """Upload ``path`` as ``{folder}/{sha256}{suffix}`` unless that object already exists."""
+        path = Path(path)
+        digest = sha256_file(path)
+        key = f"{folder}/{digest}{suffix}"
+        if self.exists(key):
+            return ArtifactRef(self.url(key), digest, path.stat().st_size)
+        return self.put_file(key, path)
+
     def put_json(self, key: str, obj: Any) -> ArtifactRef:
         return self.put_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
@@ -225,7 +234,8 @@ class S3Store(Store):
     """Artifacts in an S3 bucket under a prefix, through the minio client."""
 
     CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
-    TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "XMinioServerNotInitialized"}
+    TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                       "XMinioServerNotInitialized"}
 
     def __init__(self, uri: str, *, endpoint: str | None = None, access_key: str | None = None,
                  secret_key: str | None = None, secure: bool | None = None) -> None:

@@ -181,3 +181,57 @@ def test_image_folder_with_broken_files_is_skipped_and_reported(cluster, tmp_pat
     assert "broken" in skipped["digit1/broken.jpg"] and "not an image" in skipped["digit7/notes.png"]
     assert summary["data"]["classes"] == 3 and summary["data"]["train"] + summary["data"]["val"] == 36
     assert summary["data"]["class_names"] == ["digit0", "digit1", "digit7"]
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=root)
+
+
+def _wait_for(pred, timeout: float = 120, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not met")
+
+
+def test_cli_submit_status_watch_and_cancel(cluster, tmp_path):
+    import yaml
+
+    b, s = ["--broker", cluster["broker"]], ["--store", cluster["store"]]
+    spec = tmp_path / "long.yaml"
+    spec.write_text(yaml.safe_dump({**copy.deepcopy(SMALL_SPEC), "name": "cancel-me", "seed": 7,
+                                    "finetune": {"epochs": 40, "batch_size": 32}}))
+    sub = _cli("submit", str(spec), *b, *s)
+    assert sub.returncode == 0, sub.stderr
+    run_id = sub.stdout.strip()
+    assert run_id.startswith("cancel-me-")
+
+    def running_finetune():
+        st = json.loads(_cli("status", run_id, "--json", *b, *s).stdout)
+        ft = next(x for x in st["stages"] if x["id"] == "finetune")
+        return st if ft["state"] == "running" and ft["progress"] > 0 else None
+
+    st = _wait_for(running_finetune, timeout=180)
+    assert st["status"] == "RUNNING" and st["run_id"] == run_id
+    row = next(x for x in st["stages"] if x["id"] == "finetune")
+    assert set(row) >= {"stage", "variant", "state", "progress", "worker", "error"}
+    assert row["worker"].startswith("qpipe-gpu") and 0 < row["progress"] < 1
+    assert {x["state"] for x in st["stages"] if x["stage"] == "benchmark"} == {"pending"}
+
+    t0 = time.monotonic()
+    assert _cli("cancel", run_id, *b).returncode == 0
+    watch = _cli("watch", run_id, "--no-progress", *b, *s)
+    assert watch.returncode == 1, watch.stdout
+    assert f"run {run_id}: CANCELLED" in watch.stdout
+    assert time.monotonic() - t0 < 60, "cancel should stop fine-tuning within a batch"
+    final = json.loads(_cli("status", run_id, "--json", *b, *s).stdout)
+    states = {x["id"]: x["state"] for x in final["stages"]}
+    assert states["finetune"] == "cancelled" and final["status"] == "CANCELLED"
+    # the gpu worker is free again: a small run after the cancelled one still succeeds
+    summary = Client(cluster["broker"], cluster["store"]).submit(copy.deepcopy(SMALL_SPEC)).wait(timeout=TIMEOUT)
+    assert summary["status"] == "SUCCESS"

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from pipeline.data import (Dataset, Preprocess, calibration_indices, check_dataset, counts, load_digits,
-                           read_image_folder, stratified_split, subset, write_shards)
+from pipeline.data import (
+    Dataset,
+    Preprocess,
+    calibration_indices,
+    check_dataset,
+    counts,
+    load_digits,
+    read_image_folder,
+    stratified_split,
+    subset,
+    write_shards,
+)
 from pipeline.sources import materialize_source
 from pipeline.stages import StageContext, register
 

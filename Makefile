@@ -1,0 +1,32 @@
+# qpipe's everyday commands. `make run` and `make test` set up .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-qpipe
+
+.PHONY: setup run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/qpipe run examples/digits.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check pipeline workers tests bench
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline workers tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/int8_vs_fp32.py
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf .qpipe .pytest_cache
