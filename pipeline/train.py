@@ -69,7 +69,6 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
     """Train with SGD for ``epochs``, checkpointing each epoch to the store and resuming from the
     newest checkpoint there (a redelivered task continues where the killed one stopped).
     ``ctx`` is the StageContext; returns the per-epoch history."""
-    import io
     import time
 
     generator = seed_everything(seed)
@@ -80,7 +79,9 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
     start = 0
     ckpts = [k for k in ctx.store.list(f"{ctx.prefix}/checkpoints") if k.endswith(".pt")]
     if ckpts:
-        state = torch.load(io.BytesIO(ctx.store.get_bytes(ckpts[-1])), map_location=device, weights_only=True)
+        local = ctx.store.get_file(ckpts[-1], ctx.workdir / "resume.pt")
+        state = torch.load(local, map_location=device, weights_only=True)
+        local.unlink()
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -101,11 +102,12 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
         history.append({"epoch": epoch + 1, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                         "val_loss": ev["loss"], "val_accuracy": ev["accuracy"], "seconds": round(seconds, 3),
                         "images_per_second": round(len(y) / seconds, 1), "device": device.type})
-        buf = io.BytesIO()
+        local = ctx.workdir / "checkpoint.pt"
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                     "history": history, "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state()}, buf)
-        ctx.store.put_bytes(f"{ctx.prefix}/checkpoints/epoch-{epoch + 1:04d}.pt", buf.getvalue())
+                    "torch_rng": torch.get_rng_state()}, local)
+        ctx.store.put_file(f"{ctx.prefix}/checkpoints/epoch-{epoch + 1:04d}.pt", local)
+        local.unlink()
     return history
 
 
