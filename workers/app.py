@@ -10,8 +10,10 @@ Settings (overridable through the environment):
 - ``task_acks_late`` + ``task_reject_on_worker_lost`` + ``worker_prefetch_multiplier=1``: a
   message is acknowledged only after its stage finished, and a worker holds one message at a time,
   so a worker that dies loses nothing; the message is delivered again.
-- Redis ``visibility_timeout`` above the longest stage's hard time limit plus the retry backoff
-  ceiling: a stage that is still running is not handed to a second worker.
+- Leases instead of one long Redis ``visibility_timeout``: each worker renews the delivery time
+  of the messages it holds (``workers/leases.py``), so a running stage is never handed to a
+  second worker however long it runs, and a dead worker's stage is redelivered once
+  ``visibility_timeout`` (300 s) has passed.
 - Results (chord counters included) expire after 7 days, longer than any pipeline's span.
 """
 
@@ -36,7 +38,15 @@ STAGE_QUEUES = {
 }
 STAGE_TIME_LIMIT = int(os.environ.get("QPIPE_STAGE_TIME_LIMIT", 6 * 3600))  # hard limit, seconds
 RETRY_BACKOFF_MAX = int(os.environ.get("QPIPE_RETRY_BACKOFF_MAX", 300))
-VISIBILITY_TIMEOUT = int(os.environ.get("QPIPE_VISIBILITY_TIMEOUT", STAGE_TIME_LIMIT + RETRY_BACKOFF_MAX + 600))
+MAX_RETRIES = int(os.environ.get("QPIPE_MAX_RETRIES", 8))
+# Messages held by a live worker are renewed every LEASE_INTERVAL seconds (workers/leases.py), so
+# the visibility timeout bounds how long a *dead* worker's stage waits before redelivery.
+LEASE_INTERVAL = float(os.environ.get("QPIPE_LEASE_INTERVAL", 10))
+VISIBILITY_TIMEOUT = int(os.environ.get("QPIPE_VISIBILITY_TIMEOUT", 300))
+RESTORE_INTERVAL = int(os.environ.get("QPIPE_RESTORE_INTERVAL", 10))
+if VISIBILITY_TIMEOUT < 3 * LEASE_INTERVAL:
+    raise ValueError(f"QPIPE_VISIBILITY_TIMEOUT ({VISIBILITY_TIMEOUT}s) must be at least 3x "
+                     f"QPIPE_LEASE_INTERVAL ({LEASE_INTERVAL}s)")
 
 
 def broker_url(explicit: str | None = None) -> str | None:
@@ -46,7 +56,8 @@ def broker_url(explicit: str | None = None) -> str | None:
 def configure(app: Celery, url: str) -> Celery:
     """Point ``app`` at a Redis/Valkey broker (which also stores results and run status)."""
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT, "socket_timeout": 30, "socket_connect_timeout": 10,
-                 "retry_on_timeout": True, "health_check_interval": 25}
+                 "retry_on_timeout": True, "health_check_interval": 25,
+                 "unacked_restore_interval": RESTORE_INTERVAL, "unacked_restore_throttle": 1}
     app.conf.update(
         broker_url=url,
         result_backend=url,

@@ -223,6 +223,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         open_store(args.store).check()
     configure(app, url)
+    from workers.app import LEASE_INTERVAL
+    from workers.leases import install
+
+    install(app, LEASE_INTERVAL)
     pool = args.pool or ("solo" if "gpu" in queues else "prefork")
     node = args.hostname or f"qpipe-{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
     argv = ["worker", "-Q", ",".join(queues), "-P", pool, "-n", node, "--loglevel", args.loglevel,

@@ -17,24 +17,31 @@ failed variant cannot stop the other variants or leave the run without a summary
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
+import redis
 from celery import Task
 
-from workers.app import STAGE_QUEUES, app
-from workers.state import RunState, connect
+from workers.app import MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
+from workers.state import FINAL_RUN_STATES, RunState, connect
 
 log = logging.getLogger(__name__)
-MAX_RETRIES = 8
+T = TypeVar("T")
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes to Redis
+LOCK_TTL = 60  # seconds; renewed every LOCK_TTL / 4 while the stage runs
+FINAL_STAGE_STATES = ("done", "cached", "failed", "cancelled")
+BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 @functools.cache
-def _redis(url: str):
+def _redis(url: str) -> redis.Redis:
     return connect(url)
 
 
@@ -44,10 +51,64 @@ def state_for(task: Task, run_id: str) -> RunState:
 
 def backoff(retries: int, base: float = 2.0, cap: float | None = None) -> float:
     """Exponential backoff with full jitter, capped at QPIPE_RETRY_BACKOFF_MAX."""
-    from workers.app import RETRY_BACKOFF_MAX
-
     cap = RETRY_BACKOFF_MAX if cap is None else cap
-    return random.uniform(base, max(base, min(cap, base * 2**retries)))
+    return random.uniform(min(base, cap), max(min(base, cap), min(cap, base * 2**retries)))
+
+
+def patiently(fn: Callable[[], T], what: str, patience: float = 300.0) -> T:
+    """Call a Redis operation, waiting out a broker outage (restart) for up to ``patience`` s."""
+    deadline = time.monotonic() + patience
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except BROKER_ERRORS as err:
+            if time.monotonic() > deadline:
+                raise
+            attempt += 1
+            delay = backoff(attempt, base=0.5, cap=10.0)
+            log.warning("%s: broker unreachable (%s); retrying in %.1fs", what, err, delay)
+            time.sleep(delay)
+
+
+@contextlib.contextmanager
+def stage_lock(client: redis.Redis, key: str, owner: str, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold ``key`` while a stage computes, so a duplicate delivery of the same stage waits for
+    the first one and then finds its result in the store instead of computing it again. The lock
+    expires LOCK_TTL s after its holder dies; a thread renews it while the holder lives."""
+    while not patiently(lambda: client.set(key, owner, nx=True, ex=LOCK_TTL), "lock"):
+        on_wait()
+        time.sleep(1.0)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LOCK_TTL / 4):
+            with contextlib.suppress(*BROKER_ERRORS):
+                if client.get(key) == owner:
+                    client.expire(key, LOCK_TTL)
+
+    thread = threading.Thread(target=renew, name="qpipe-stage-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(*BROKER_ERRORS):
+            client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+                        "return 0", 1, key, owner)
+
+
+def remove_partial_outputs(store: Any, node: dict, keep_checkpoints: bool) -> None:
+    """Delete what a stage wrote before failing, so the store holds no orphaned objects."""
+    from pipeline.stages import stage_def
+
+    if not stage_def(node["stage"]).cached:
+        return
+    prefix = f"stages/{node['stage']}/{node['key']}"
+    for key in store.list(prefix):
+        if keep_checkpoints and key.startswith(f"{prefix}/checkpoints/"):
+            continue
+        store.delete(key)
 
 
 def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> dict[str, Any]:
@@ -58,63 +119,103 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
     node_id, stage = node["id"], node["stage"]
     state = state_for(task, run_id)
     worker = task.request.hostname
-    state.mark_running()
 
     def finish(kind: str, **fields: Any) -> dict[str, Any]:
-        state.update_stage(node_id, state=kind, finished=time.time(), **fields)
+        patiently(lambda: state.update_stage(node_id, state=kind, finished=time.time(), **fields), "status")
         return {"node": node_id, "state": kind}
 
-    if state.cancel_requested() and stage != "report":
-        return finish("cancelled", error="the run was cancelled")
-    if stage != "report":
-        stages = state.stages()
+    patiently(state.mark_running, "status")
+    if stage == "report":
+        if patiently(lambda: state.get("status"), "status") in FINAL_RUN_STATES:
+            return {"node": node_id, "state": "done"}  # a duplicate delivery of the report
+        stages = patiently(state.stages, "status")
+        unfinished = [k for k, v in stages.items() if k != node_id and v["state"] not in FINAL_STAGE_STATES]
+        if unfinished:  # the chord fired early (a redelivered header task): wait for the rest
+            raise task.retry(countdown=2, max_retries=None)
+    else:
+        if patiently(state.cancel_requested, "status"):
+            return finish("cancelled", error="the run was cancelled")
+        stages = patiently(state.stages, "status")
         broken = [d["id"] for d in node["inputs"].values()
                   if stages.get(d["id"], {}).get("state") in ("failed", "cancelled")]
         if broken:
             return finish("failed", error=f"not run: upstream {broken[0]} did not finish")
-    state.update_stage(node_id, state="running", worker=worker, started=time.time(), progress=0.0,
-                       attempt=task.request.retries + 1, error=None)
     last = [0.0]
 
     def on_progress(fraction: float, detail: str) -> None:
         now = time.monotonic()
         if now - last[0] >= PROGRESS_INTERVAL or fraction >= 1.0:
             last[0] = now
-            state.update_stage(node_id, progress=round(fraction, 4), detail=detail)
+            with contextlib.suppress(*BROKER_ERRORS):  # progress is best effort during an outage
+                state.update_stage(node_id, progress=round(fraction, 4), detail=detail)
 
-    extra: dict[str, Any] = {"spec_sha256": state.get("spec_sha256")}
+    def is_cancelled() -> bool:
+        try:
+            return state.cancel_requested()
+        except BROKER_ERRORS:
+            return False
+
+    extra: dict[str, Any] = {"spec_sha256": patiently(lambda: state.get("spec_sha256"), "status")}
     if stage == "report":
         extra["failures"] = state.failures()
         extra["cancelled"] = state.cancel_requested()
         extra["cached_stages"] = sum(1 for s in state.stages().values() if s["state"] == "cached")
+    store = None
+    lock = f"qpipe:lock:{stage}:{node['key']}" if stage != "report" else f"qpipe:lock:report:{run_id}"
+    owner = f"{worker}:{task.request.id}"
+
+    def waiting() -> None:
+        with contextlib.suppress(*BROKER_ERRORS):
+            state.update_stage(node_id, state="pending", detail="waiting: the same stage is running elsewhere")
+
     try:
         store = open_store(store_uri)
-        result = execute(node, store, run_id=run_id, on_progress=on_progress, is_cancelled=state.cancel_requested,
-                         extra=extra)
+        with stage_lock(state.r, lock, owner, waiting):
+            patiently(lambda: state.update_stage(node_id, state="running", worker=worker, started=time.time(),
+                                                 progress=0.0, attempt=task.request.retries + 1, error=None),
+                      "status")
+            result = execute(node, store, run_id=run_id, on_progress=on_progress, is_cancelled=is_cancelled,
+                             extra=extra)
     except TransientError as err:
         if task.request.retries < MAX_RETRIES:
             delay = backoff(task.request.retries)
             log.warning("%s %s: %s; retry %d in %.0fs", run_id, node_id, err, task.request.retries + 1, delay)
-            state.update_stage(node_id, state="retrying", error=str(err))
+            with contextlib.suppress(*BROKER_ERRORS):
+                state.update_stage(node_id, state="retrying", error=str(err))
             raise task.retry(countdown=delay, max_retries=MAX_RETRIES) from None
         out = finish("failed", error=f"gave up after {MAX_RETRIES} retries: {err}")
     except Cancelled as err:
         out = finish("cancelled", error=str(err))
+        _cleanup(store, node, keep_checkpoints=True)
     except (ConfigError, StageError) as err:
         log.error("%s %s failed: %s", run_id, node_id, err)
         out = finish("failed", error=str(err))
+        _cleanup(store, node, keep_checkpoints=False)
     except Exception as err:  # a bug: keep the traceback in the log, the cause in the status
         log.exception("%s %s crashed", run_id, node_id)
         out = finish("failed", error=f"{type(err).__name__}: {err}")
+        _cleanup(store, node, keep_checkpoints=False)
     else:
         out = finish("cached" if result.cached else "done", progress=1.0, manifest=result.manifest_uri)
         if stage == "report":
-            state.finish(result.manifest["summary"])
+            patiently(lambda: state.finish(result.manifest["summary"]), "status")
         return out
     if stage == "report":  # the report itself failed: the run still ends, FAILED
-        state.set(status="CANCELLED" if state.cancel_requested() else "FAILED", finished=time.time(),
-                  error=f"report failed: {state.stage(node_id).get('error')}")
+        patiently(lambda: state.set(status="CANCELLED" if state.cancel_requested() else "FAILED",
+                                    finished=time.time(),
+                                    error=f"report failed: {state.stage(node_id).get('error')}"), "status")
     return out
+
+
+def _cleanup(store: Any, node: dict, keep_checkpoints: bool) -> None:
+    from pipeline.errors import QpipeError
+
+    if store is None:
+        return
+    try:
+        remove_partial_outputs(store, node, keep_checkpoints)
+    except QpipeError as err:  # the store is down: the next attempt overwrites the same keys
+        log.warning("could not remove partial outputs of %s: %s", node["id"], err)
 
 
 def _make_task(stage: str, queue: str) -> Task:
