@@ -268,10 +268,13 @@ def read_image_folder(root: Path, pre: Preprocess, max_pixels: int, skipped: lis
     return classes, split
 
 
+def printable_name(rel: str) -> str:
+    """A file name safe to print and store in JSON, whatever its bytes (b'caf\\xe9.png')."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def _display(path: Path, root: Path) -> str:
-    """A file name safe to print and store, whatever its bytes."""
-    rel = os.path.relpath(path, root)
-    return rel.encode("utf-8", "backslashreplace").decode("utf-8")
+    return printable_name(os.path.relpath(path, root))
 
 
 def load_digits(pre: Preprocess) -> tuple[list[str], Split]:

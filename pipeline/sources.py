@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.data import ARCHIVE_SUFFIXES, dataset_root, is_archive, safe_extract
+from pipeline.data import ARCHIVE_SUFFIXES, dataset_root, is_archive, printable_name, safe_extract
 from pipeline.errors import ConfigError
 from pipeline.hashing import canonical_json, sha256_bytes
 from pipeline.store import S3Store, Store
@@ -62,18 +62,17 @@ def folder_to_tar(root: Path, dest: Path) -> Path:
             for name in sorted(dirnames) + sorted(filenames):
                 p = base / name
                 rel = os.path.relpath(p, root)
+                reason = None
                 if p.is_symlink():
                     target = p.resolve()
                     if not target.is_relative_to(real_root) or not target.exists():
-                        skipped.append({"file": rel.encode("utf-8", "backslashreplace").decode(),
-                                        "reason": "symlink points outside the dataset"})
-                        continue
-                    if target.is_dir():
-                        skipped.append({"file": rel.encode("utf-8", "backslashreplace").decode(),
-                                        "reason": "symlinked folder is not followed"})
-                        continue
+                        reason = "symlink points outside the dataset"
+                    elif target.is_dir():
+                        reason = "symlinked folder is not followed"
                 elif not (p.is_file() or p.is_dir()):
-                    skipped.append({"file": rel, "reason": "not a regular file"})
+                    reason = "not a regular file"
+                if reason:
+                    skipped.append({"file": printable_name(rel), "reason": reason})
                     continue
                 add(tf, p, rel)
         data = canonical_json(skipped).encode()
@@ -147,8 +146,8 @@ def materialize_source(desc: dict[str, Any], store: Store, workdir: Path, max_by
     local.unlink()
     skipped: list[dict] = []
     marker = workdir / "extracted" / SKIPPED_MEMBER
-    if marker.exists():
+    if marker.exists():  # a tar qpipe made from a folder: its root is the dataset's root
         skipped = json.loads(marker.read_text())
         marker.unlink()
-        root = dataset_root(workdir / "extracted")
+        root = workdir / "extracted"
     return root, skipped

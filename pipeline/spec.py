@@ -207,14 +207,14 @@ def weight_names(arch: str) -> list[str]:
     return ["DEFAULT", *[w.name for w in enum]]
 
 
-def _resolve_path(value: str | None, base: Path) -> str | None:
-    """Make a relative local path absolute against the spec file's folder."""
+def _resolve_path(value: str | None, base: Path, *, bare_word_is_name: bool = False) -> str | None:
+    """Make a relative local path absolute against the spec file's folder. With
+    ``bare_word_is_name`` (model.weights), a bare word that is no file there is kept as a name."""
     if value is None or value.startswith("builtin:") or "://" in value:
         return value
-    if "/" not in value and not value.endswith((".pt", ".pth", ".tar", ".zip", ".gz", ".tgz")):
-        # a bare word such as a torchvision weights name, not a path
+    if bare_word_is_name and "/" not in value and not value.endswith((".pt", ".pth")):
         if not (base / value).exists():
-            return value
+            return value  # a torchvision weights name such as IMAGENET1K_V1
     return str((base / value).expanduser().resolve())
 
 
@@ -250,7 +250,7 @@ def parse_spec(data: Any, *, base_dir: str | Path | None = None, source: str = "
         raise SpecError(_explain(err), source) from None
     spec.data.source = _resolve_path(spec.data.source, base)  # type: ignore[assignment]
     spec.data.val_source = _resolve_path(spec.data.val_source, base)
-    spec.model.weights = _resolve_path(spec.model.weights, base)
+    spec.model.weights = _resolve_path(spec.model.weights, base, bare_word_is_name=True)
     return spec
 
 

@@ -23,8 +23,7 @@ from typing import Any
 
 import redis
 
-from workers.app import app as default_app
-from workers.app import broker_url, configure
+from workers.app import broker_url, configure, create_app
 from workers.state import FINAL_RUN_STATES, RunState, connect
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,9 @@ class Client:
                               "(or use `qpipe run` without one for the embedded default)")
         self.broker = url
         self.store_uri = store or os.environ.get("QPIPE_STORE_URI")
-        self.app = configure(app or default_app, url)
+        # an app of its own: a Celery app caches its result backend, so one app re-pointed at
+        # another broker would keep talking to the first one
+        self.app = configure(app, url) if app is not None else create_app(url)
         self._redis: redis.Redis | None = None
 
     @property

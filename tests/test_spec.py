@@ -1,0 +1,276 @@
+"""The spec is validated once, at the edge: every refusal is a SpecError naming the field.
+
+A table of refused specs (each a small edit of a valid base spec), the refusals of spec files
+(bad YAML, missing file), and the specs that are accepted with their defaults filled in.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import ConfigError, SpecError
+from pipeline.spec import load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "digits.yaml"
+
+BASE: dict = {
+    "name": "spec-test",
+    "data": {"source": "builtin:digits", "image_size": 32},
+    "model": {"arch": "resnet18"},
+    "finetune": {"epochs": 1},
+    "quantize": {"variants": [
+        {"name": "ptq", "method": "static", "observer": "minmax"},
+        {"name": "dyn", "method": "dynamic"},
+        {"name": "qat", "method": "qat"},
+    ]},
+    "benchmark": {"batch_sizes": [1, 8]},
+}
+
+
+def edited(edit: Callable[[dict], object]) -> dict:
+    spec = copy.deepcopy(BASE)
+    edit(spec)
+    return spec
+
+
+def variant(i: int, **changes: object) -> Callable[[dict], object]:
+    return lambda s: s["quantize"]["variants"][i].update(changes)
+
+
+def section(name: str, **changes: object) -> Callable[[dict], object]:
+    return lambda s: s.setdefault(name, {}).update(changes)
+
+
+# (id, edit of BASE, substrings that the refusal must contain: the field first)
+REFUSED = [
+    ("unknown-top-level-key", lambda s: s.update(epochs=3), ["epochs", "unknown key"]),
+    ("unknown-data-key", section("data", imagesize=32), ["data.imagesize", "unknown key"]),
+    ("unknown-finetune-key", section("finetune", learning_rate=0.1), ["finetune.learning_rate", "unknown key"]),
+    ("unknown-variant-key", variant(1, bits=4), ["quantize.variants.1.bits", "unknown key"]),
+    ("unknown-benchmark-key", section("benchmark", batch=1), ["benchmark.batch", "unknown key"]),
+    ("zero-epochs", section("finetune", epochs=0), ["finetune.epochs"]),
+    ("negative-epochs", section("finetune", epochs=-2), ["finetune.epochs"]),
+    ("fractional-epochs", section("finetune", epochs=1.5), ["finetune.epochs"]),
+    ("zero-qat-epochs", variant(2, epochs=0), ["quantize.variants.2.epochs"]),
+    ("unknown-arch", section("model", arch="resnt18"), ["model.arch", "resnt18", "did you mean", "resnet18"]),
+    ("unknown-arch-far", section("model", arch="zzzqqq"), ["model.arch", "zzzqqq", "list_models"]),
+    ("unknown-weights", section("model", weights="IMAGENET1K_V9"),
+     ["model", "weights", "IMAGENET1K_V9", "IMAGENET1K_V1"]),
+    ("run-name-slash", lambda s: s.update(name="a/b"), ["name", "a/b", "'/'"]),
+    ("run-name-dotdot", lambda s: s.update(name="a..b"), ["name", "'..'"]),
+    ("run-name-only-dots", lambda s: s.update(name=".."), ["name", "'..'"]),
+    ("run-name-empty", lambda s: s.update(name=""), ["name"]),
+    ("run-name-missing", lambda s: s.pop("name"), ["name", "missing"]),
+    ("variant-name-slash", variant(0, name="x/y"), ["quantize.variants.0.name", "x/y"]),
+    ("duplicate-variant-names", variant(1, name="ptq"), ["quantize.variants", "ptq", "twice"]),
+    ("observer-on-dynamic", variant(1, observer="minmax"), ["quantize.variants.1", "observer", "dynamic"]),
+    ("observer-on-qat", variant(2, observer="histogram"), ["quantize.variants.2", "observer", "qat"]),
+    ("unknown-observer", variant(0, observer="percentile"), ["quantize.variants.0.observer"]),
+    ("epochs-on-static", variant(0, epochs=2), ["quantize.variants.0", "epochs", "static"]),
+    ("lr-on-dynamic", variant(1, lr=0.1), ["quantize.variants.1", "lr", "dynamic"]),
+    ("variant-named-fp32", variant(1, name="fp32"), ["quantize.variants.1.name", "fp32"]),
+    ("unknown-method", variant(1, method="int4"), ["quantize.variants.1.method"]),
+    ("benchmark-batch-zero", section("benchmark", batch_sizes=[0, 8]), ["benchmark.batch_sizes"]),
+    ("benchmark-batch-negative", section("benchmark", batch_sizes=[-1]), ["benchmark.batch_sizes"]),
+    ("benchmark-batch-huge", section("benchmark", batch_sizes=[5000]), ["benchmark.batch_sizes"]),
+    ("benchmark-batch-duplicate", section("benchmark", batch_sizes=[8, 8]), ["benchmark.batch_sizes", "unique"]),
+    ("benchmark-batch-empty", section("benchmark", batch_sizes=[]), ["benchmark.batch_sizes"]),
+    ("finetune-batch-zero", section("finetune", batch_size=0), ["finetune.batch_size"]),
+    ("qat-batch-zero", variant(2, batch_size=0), ["quantize.variants.2.batch_size"]),
+    ("val-fraction-zero", section("data", val_fraction=0.0), ["data.val_fraction"]),
+    ("val-fraction-one", section("data", val_fraction=1.0), ["data.val_fraction"]),
+    ("val-fraction-negative", section("data", val_fraction=-0.1), ["data.val_fraction"]),
+    ("val-fraction-above-one", section("data", val_fraction=1.5), ["data.val_fraction"]),
+    ("source-http-scheme", section("data", source="http://example.com/d.tar"),
+     ["data.source", "http://example.com/d.tar", "scheme"]),
+    ("val-source-ftp-scheme", section("data", val_source="ftp://host/d.zip"), ["data.val_source", "scheme"]),
+    ("source-unknown-builtin", section("data", source="builtin:mnist"), ["data.source", "builtin:mnist"]),
+    ("source-blank", section("data", source="  "), ["data.source", "empty"]),
+    ("image-size-too-small", section("data", image_size=8), ["data.image_size"]),
+    ("missing-quantize", lambda s: s.pop("quantize"), ["quantize", "missing"]),
+    ("no-variants", lambda s: s["quantize"].update(variants=[]), ["quantize.variants"]),
+    ("unknown-backend", lambda s: s["quantize"].update(backend="fbgemm2"), ["quantize.backend"]),
+    ("dynamic-per-tensor", variant(1, per_channel=False), ["quantize.variants.1", "per_channel"]),
+]
+
+
+@pytest.mark.parametrize(("edit", "expected"), [pytest.param(e, x, id=i) for i, e, x in REFUSED])
+def test_refused_spec_names_the_field(edit: Callable[[dict], object], expected: list[str]) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(edited(edit))
+    err = info.value
+    assert isinstance(err, ConfigError)  # never retried
+    text = str(err)
+    for part in expected:
+        assert part in text, f"{part!r} not in {text!r}"
+    # the field comes first on its problem line, so the user sees where to look
+    field = expected[0]
+    assert any(p.startswith(field) for p in err.problems), err.problems
+
+
+def test_several_problems_are_reported_together() -> None:
+    spec = edited(lambda s: (s["finetune"].update(epochs=0), s["data"].update(val_fraction=2.0)))
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    fields = {p.split(":", 1)[0] for p in info.value.problems}
+    assert {"finetune.epochs", "data.val_fraction"} <= fields
+
+
+@pytest.mark.parametrize("value", [["a", "b"], "just a string", 42, None], ids=["list", "str", "int", "none"])
+def test_spec_that_is_not_a_mapping_is_refused(value: object) -> None:
+    with pytest.raises(SpecError, match="mapping"):
+        parse_spec(value)
+
+
+# ------------------------------------------------------------------------------ spec files
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(path) in str(info.value)
+    assert "no spec file" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"name: [unclosed\n", b"name: x\n  bad: indentation\n", b"name: \xff\xfe\n", b"a: 1\n\tb: 2\n"],
+    ids=["unclosed-flow", "bad-indent", "not-utf8", "tab-indent"],
+)
+def test_bad_yaml_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "not valid YAML" in str(info.value)
+    assert info.value.source == str(path)
+
+
+@pytest.mark.parametrize("content", ["", "- a\n- b\n", "just words\n"], ids=["empty", "list", "scalar"])
+def test_yaml_file_that_is_not_a_mapping(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(content)
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(path)
+
+
+def test_yaml_file_without_quantize_section(tmp_path: Path) -> None:
+    spec = copy.deepcopy(BASE)
+    del spec["quantize"]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.problems == ["quantize: required field is missing: add it"]
+    assert str(path) in str(info.value)
+
+
+def test_yaml_file_with_unknown_nested_key(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(EXAMPLE.read_text().replace("  threads: 1\n", "  threads: 1\n  therads: 2\n"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert any(p.startswith("benchmark.therads") for p in info.value.problems)
+
+
+# ---------------------------------------------------------------------------- accepted specs
+
+def test_example_spec_loads() -> None:
+    spec = load_spec(EXAMPLE)
+    assert spec.name == "digits-resnet18"
+    assert spec.data.source == "builtin:digits"
+    assert spec.model.arch == "resnet18"
+    assert [(v.name, v.method, v.observer) for v in spec.quantize.variants] == [
+        ("ptq-minmax", "static", "minmax"),
+        ("ptq-histogram", "static", "histogram"),
+        ("dynamic", "dynamic", None),
+        ("qat", "qat", None),
+    ]
+    assert spec.benchmark.batch_sizes == [1, 32]
+    # a spec validates the same from its file and from a dict
+    assert load_spec(yaml.safe_load(EXAMPLE.read_text())).model_dump() == spec.model_dump()
+
+
+def test_defaults_are_filled_in() -> None:
+    spec = parse_spec({"name": "d", "quantize": {"variants": [
+        {"name": "s", "method": "static"},
+        {"name": "q", "method": "qat"},
+        {"name": "q2", "method": "qat", "epochs": 4, "lr": 0.01},
+        {"name": "d", "method": "dynamic"},
+    ]}})
+    s, q, q2, d = spec.quantize.variants
+    assert s.observer == "histogram"
+    assert s.per_channel is True
+    assert (q.epochs, q.lr, q.observer) == (1, 1e-4, None)
+    assert (q2.epochs, q2.lr) == (4, 0.01)
+    assert (d.observer, d.epochs, d.lr) == (None, None, None)
+    assert spec.data.source == "builtin:digits"
+    assert spec.quantize.backend == "x86"
+    assert spec.finetune.device == "auto"
+    assert spec.benchmark.batch_sizes == [1, 32]
+    assert [v.name for v in spec.static_variants()] == ["s"]
+
+
+def test_batch_sizes_are_sorted() -> None:
+    spec = parse_spec(edited(section("benchmark", batch_sizes=[32, 1, 8])))
+    assert spec.benchmark.batch_sizes == [1, 8, 32]
+
+
+def test_existing_weights_name_is_accepted() -> None:
+    spec = parse_spec(edited(section("model", weights="IMAGENET1K_V1")))
+    assert spec.model.weights == "IMAGENET1K_V1"
+
+
+def _write_spec(folder: Path, **data: object) -> Path:
+    spec = copy.deepcopy(BASE)
+    spec["data"].update(data)
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("source", ["images", "sub/images", "./images", "data.tar"])
+def test_relative_source_resolves_against_spec_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      source: str) -> None:
+    spec_dir = tmp_path / "specs"
+    (spec_dir / source).parent.mkdir(parents=True, exist_ok=True)
+    if source.endswith(".tar"):
+        (spec_dir / source).write_bytes(b"")
+    else:
+        (spec_dir / source).mkdir(parents=True)
+    path = _write_spec(spec_dir, source=source, val_source=source)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the spec's folder counts, not the current one
+    spec = load_spec(path)
+    expected = str((spec_dir / source).resolve())
+    assert spec.data.source == expected
+    assert spec.data.val_source == expected
+    assert Path(spec.data.source).is_absolute()
+
+
+def test_uris_and_builtin_are_left_alone(tmp_path: Path) -> None:
+    path = _write_spec(tmp_path, source="s3://bucket/data", val_source="file:///srv/val.tar")
+    spec = load_spec(path)
+    assert spec.data.source == "s3://bucket/data"
+    assert spec.data.val_source == "file:///srv/val.tar"
+    spec = load_spec(_write_spec(tmp_path, source="builtin:digits"))
+    assert spec.data.source == "builtin:digits"
+
+
+def test_missing_bare_relative_source_still_resolves_against_spec_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir()
+    path = _write_spec(spec_dir, source="images")
+    cwd = tmp_path / "cwd"
+    (cwd / "images").mkdir(parents=True)  # a same-named folder in the current folder must not be used
+    monkeypatch.chdir(cwd)
+    spec = load_spec(path)
+    assert spec.data.source == str(spec_dir / "images")

@@ -1,0 +1,439 @@
+"""Contract tests over the stage registry and the plan, the quantization engine on real
+torchvision models (random weights, 32x32 inputs, 4 classes) and the report's selection.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import pipeline.stages as stages
+from pipeline.errors import StageError
+from pipeline.models import build_model
+from pipeline.plan import UNKEYED, build_plan, children
+from pipeline.quant import (
+    OBSERVER_KEY,
+    convert_static,
+    count_layers,
+    export_torchscript,
+    layer_table,
+    observer_state,
+    prepare_static,
+    quantize_dynamic,
+    quiet,
+)
+from pipeline.report import select
+from pipeline.runner import prepare_sources
+from pipeline.spec import load_spec, parse_spec
+from pipeline.store import FileStore
+from workers.app import QUEUES, STAGE_QUEUES
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "digits.yaml"
+EXAMPLE_DICT = yaml.safe_load(EXAMPLE.read_text())
+STAGES = stages.load_all()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    threads spinning against other processes made this file ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------- registry
+
+def test_registry_matches_worker_routing() -> None:
+    assert set(STAGES) == set(STAGE_QUEUES)
+    assert set(stages.STAGE_MODULES) == set(STAGES)
+    assert {name: s.queue for name, s in STAGES.items()} == STAGE_QUEUES
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_QUEUES))
+def test_stage_contract(name: str) -> None:
+    sdef = stages.stage_def(name)
+    assert sdef.name == name
+    assert sdef.queue == STAGE_QUEUES[name] and sdef.queue in QUEUES
+    assert isinstance(sdef.version, int) and sdef.version >= 1
+    assert callable(sdef.fn) and sdef.fn.__module__ == f"pipeline.stages.{name}"
+    # only the report runs every time and with whatever inputs exist
+    assert sdef.cached is (name != "report")
+    assert sdef.partial_inputs is (name == "report")
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_QUEUES))
+def test_duplicate_registration_raises(name: str) -> None:
+    before = dict(stages.REGISTRY)
+    with pytest.raises(ValueError, match="registered twice"):
+        stages.register(name, version=99, queue="cpu")(lambda ctx, cfg, inputs: {})
+    assert stages.REGISTRY == before
+    assert stages.stage_def(name).version != 99
+
+
+def test_bad_queue_and_unknown_stage() -> None:
+    with pytest.raises(ValueError, match="queue"):
+        stages.register("never-registered", version=1, queue="tpu")
+    assert "never-registered" not in stages.REGISTRY
+    with pytest.raises(StageError, match="unknown stage"):
+        stages.stage_def("no-such-stage")
+
+
+def test_importing_the_celery_app_does_not_import_torch() -> None:
+    code = textwrap.dedent("""
+        import json, sys
+        import workers.app
+        heavy = sorted(m for m in ("torch", "torchvision", "numpy", "PIL", "sklearn", "pipeline.stages",
+                                   "pipeline.quant") if m in sys.modules)
+        print(json.dumps({"heavy": heavy, "routes": sorted(workers.app.app.conf.task_routes)}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    assert result["routes"] == sorted(f"qpipe.{s}" for s in STAGE_QUEUES)
+
+
+# ----------------------------------------------------------------------------------- plans
+
+@pytest.fixture(scope="module")
+def plan_store(tmp_path_factory: pytest.TempPathFactory) -> FileStore:
+    return FileStore(tmp_path_factory.mktemp("plan-store"))
+
+
+def plan_of(spec_dict: dict, store: FileStore) -> list[dict]:
+    spec = parse_spec(spec_dict)
+    return build_plan(spec, prepare_sources(spec, store))
+
+
+def keys(plan: list[dict]) -> dict[str, str]:
+    return {n["id"]: n["key"] for n in plan}
+
+
+def test_plan_of_example(plan_store: FileStore) -> None:
+    plan = build_plan(load_spec(EXAMPLE), prepare_sources(load_spec(EXAMPLE), plan_store))
+    ids = [n["id"] for n in plan]
+    assert len(ids) == len(set(ids))
+    assert len({n["key"] for n in plan}) == len(plan)  # distinct nodes, distinct addresses
+    seen: set[str] = set()
+    for n in plan:  # dependency order, and each node on its stage's queue
+        assert all(dep["id"] in seen for dep in n["inputs"].values()), n["id"]
+        assert all(dep["key"] == keys(plan)[dep["id"]] for dep in n["inputs"].values())
+        assert n["queue"] == STAGE_QUEUES[n["stage"]]
+        json.dumps(n)  # a node is plain JSON: it travels in a task message
+        seen.add(n["id"])
+    assert {n["stage"] for n in plan} == set(STAGES)  # the example exercises every stage
+    calibrations = [n for n in plan if n["stage"] == "calibrate"]
+    assert sorted(n["config"]["observer"] for n in calibrations) == ["histogram", "minmax"]
+    assert ids[-1] == "report" and children(plan)["report"] == []
+    assert set(children(plan)["ingest"]) == set(ids) - {"ingest"}  # every stage reads the dataset
+
+
+def test_one_calibration_per_distinct_observer(plan_store: FileStore) -> None:
+    spec = copy.deepcopy(EXAMPLE_DICT)
+    spec["quantize"]["variants"] = [
+        {"name": "h1", "method": "static", "observer": "histogram"},
+        {"name": "h2", "method": "static", "observer": "histogram", "per_channel": False},
+        {"name": "h3", "method": "static"},  # histogram by default
+        {"name": "m1", "method": "static", "observer": "minmax"},
+        {"name": "ma", "method": "static", "observer": "moving_average_minmax"},
+        {"name": "d", "method": "dynamic"},
+    ]
+    plan = plan_of(spec, plan_store)
+    cal = {n["id"]: n for n in plan if n["stage"] == "calibrate"}
+    assert sorted(cal) == ["calibrate:histogram", "calibrate:minmax", "calibrate:moving_average_minmax"]
+    by_id = {n["id"]: n for n in plan}
+    for v, observer in (("h1", "histogram"), ("h2", "histogram"), ("h3", "histogram"), ("m1", "minmax")):
+        dep = by_id[f"quantize:{v}"]["inputs"]["calibration"]
+        assert dep["id"] == f"calibrate:{observer}" and dep["key"] == cal[dep["id"]]["key"]
+    assert "calibration" not in by_id["quantize:d"]["inputs"]
+    # variants differing only in per_channel share a calibration but not a quantized model
+    assert by_id["quantize:h1"]["key"] != by_id["quantize:h2"]["key"]
+
+
+def test_plan_keys_are_deterministic(plan_store: FileStore) -> None:
+    first = plan_of(copy.deepcopy(EXAMPLE_DICT), plan_store)
+    second = plan_of(copy.deepcopy(EXAMPLE_DICT), plan_store)
+    assert keys(first) == keys(second)
+    reordered = {k: EXAMPLE_DICT[k] for k in reversed(list(EXAMPLE_DICT))}  # key order is irrelevant
+    assert keys(plan_of(reordered, plan_store)) == keys(first)
+
+
+def _with(path: str, value: object) -> dict:
+    spec = copy.deepcopy(EXAMPLE_DICT)
+    *parents, leaf = path.split(".")
+    node = spec
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else node[p]
+    node[leaf] = value
+    return spec
+
+
+# (dotted path in the spec, new value, the node ids whose key must NOT change)
+CHANGES = [
+    ("seed", 1, set()),
+    ("data.image_size", 32, set()),
+    ("data.val_fraction", 0.25, set()),
+    ("model.arch", "mobilenet_v2", {"ingest"}),
+    ("finetune.lr", 0.02, {"ingest"}),
+    ("finetune.epochs", 4, {"ingest"}),
+    ("quantize.variants.0.per_channel", False,  # same calibration, another int8 model
+     {"ingest", "finetune", "calibrate:minmax", "calibrate:histogram", "quantize:ptq-histogram",
+      "benchmark:ptq-histogram", "quantize:dynamic", "benchmark:dynamic", "qat:qat", "benchmark:qat",
+      "benchmark:fp32"}),
+    ("quantize.variants.3.lr", 0.002,
+     {"ingest", "finetune", "calibrate:minmax", "calibrate:histogram", "quantize:ptq-minmax",
+      "quantize:ptq-histogram", "quantize:dynamic", "benchmark:fp32", "benchmark:ptq-minmax",
+      "benchmark:ptq-histogram", "benchmark:dynamic"}),
+    ("benchmark.iterations", 7,
+     {"ingest", "finetune", "calibrate:minmax", "calibrate:histogram", "quantize:ptq-minmax",
+      "quantize:ptq-histogram", "quantize:dynamic", "qat:qat"}),
+    ("benchmark.accuracy_budget", 0.5, {
+        "ingest", "finetune", "calibrate:minmax", "calibrate:histogram", "quantize:ptq-minmax",
+        "quantize:ptq-histogram", "quantize:dynamic", "qat:qat", "benchmark:fp32", "benchmark:ptq-minmax",
+        "benchmark:ptq-histogram", "benchmark:dynamic", "benchmark:qat"}),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "unchanged"), [pytest.param(*c, id=c[0]) for c in CHANGES])
+def test_plan_keys_follow_config(plan_store: FileStore, path: str, value: object, unchanged: set[str]) -> None:
+    base = keys(plan_of(copy.deepcopy(EXAMPLE_DICT), plan_store))
+    changed = keys(plan_of(_with(path, value), plan_store))
+    assert set(changed) == set(base)
+    same = {i for i in base if base[i] == changed[i]}
+    assert same == unchanged
+    assert changed["report"] != base["report"]  # every change reaches the report
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_device_does_not_change_any_key(plan_store: FileStore, device: str) -> None:
+    assert UNKEYED == {"device"}
+    base = plan_of(copy.deepcopy(EXAMPLE_DICT), plan_store)
+    moved = plan_of(_with("finetune.device", device), plan_store)
+    assert keys(moved) == keys(base)
+    by_id = {n["id"]: n for n in moved}
+    assert by_id["finetune"]["config"]["device"] == device  # still sent to the worker
+    assert by_id["qat:qat"]["config"]["device"] == device
+
+
+def test_source_digest_enters_the_ingest_key(tmp_path: Path, plan_store: FileStore) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "ds"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (len(c), 0, 0)).save(folder / c / "x.png")
+    spec = _with("data.source", str(folder))
+    first = keys(plan_of(spec, plan_store))
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / "b" / "x.png")
+    second = keys(plan_of(spec, plan_store))
+    assert first["ingest"] != second["ingest"]
+    assert first != keys(plan_of(copy.deepcopy(EXAMPLE_DICT), plan_store))
+
+
+# ----------------------------------------------------------------------- quantization engine
+
+NUM_CLASSES = 4
+EXAMPLE_INPUT = (torch.zeros(1, 3, 32, 32),)
+# arch -> (static int8, static fp32), (dynamic int8, dynamic fp32) conv/linear layers
+EXPECTED_LAYERS = {"resnet18": ((21, 0), (1, 20)), "mobilenet_v2": ((53, 0), (1, 52))}
+
+
+def calibration_batches(n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 3, 32, 32, generator=g) for _ in range(n)]
+
+
+def calibrated(model: torch.nn.Module, arch: str, observer: str) -> torch.nn.Module:
+    observed = prepare_static(model, EXAMPLE_INPUT, observer=observer, per_channel=True, backend="x86", arch=arch)
+    with torch.no_grad():
+        for x in calibration_batches():
+            observed(x)
+    return observed
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Per arch: the fp32 model, its calibrated observed copy, the stored calibration (through
+    torch.save / torch.load(weights_only=True), as between the calibrate and quantize stages),
+    and the static and dynamic int8 models."""
+    folder = tmp_path_factory.mktemp("engine")
+    out = {}
+    for arch in sorted(EXPECTED_LAYERS):
+        torch.manual_seed(0)
+        fp32 = build_model(arch, NUM_CLASSES).eval()
+        observed = calibrated(fp32, arch, "minmax")
+        torch.save(observer_state(observed), folder / f"{arch}-observers.pt")
+        stored = torch.load(folder / f"{arch}-observers.pt", weights_only=True)
+        static = convert_static(copy.deepcopy(fp32), EXAMPLE_INPUT, stored, observer="minmax", per_channel=True,
+                                backend="x86", arch=arch)
+        dynamic = quantize_dynamic(fp32, EXAMPLE_INPUT, backend="x86", arch=arch)
+        out[arch] = {"fp32": fp32, "observed": observed, "stored": stored, "static": static, "dynamic": dynamic}
+    return out
+
+
+ARCHS = sorted(EXPECTED_LAYERS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_convert_makes_every_conv_and_linear_int8(engine: dict, arch: str) -> None:
+    rows = layer_table(engine[arch]["static"])
+    assert count_layers(rows) == EXPECTED_LAYERS[arch][0]
+    assert {r["precision"] for r in rows} == {"int8"}
+    fp32_rows = layer_table(engine[arch]["fp32"])
+    assert {r["precision"] for r in fp32_rows} == {"fp32"} and len(fp32_rows) == len(rows)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dynamic_leaves_convolutions_fp32(engine: dict, arch: str) -> None:
+    rows = layer_table(engine[arch]["dynamic"])
+    assert count_layers(rows) == EXPECTED_LAYERS[arch][1]
+    for r in rows:
+        if r["type"] == "Linear":
+            assert r["precision"] == "int8-dynamic"
+        else:
+            assert r["type"] == "Conv2d" and r["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_models_stay_close_to_fp32(engine: dict, arch: str) -> None:
+    x = calibration_batches(1)[0]
+    with torch.no_grad():
+        ref = engine[arch]["fp32"](x)
+        for kind in ("static", "dynamic"):
+            out = engine[arch][kind](x)
+            assert out.shape == (8, NUM_CLASSES) and out.dtype == torch.float32
+            assert torch.isfinite(out).all()
+            scale = ref.abs().max().item() + 1e-6
+            assert (out - ref).abs().max().item() / scale < 0.5, kind
+
+
+def test_torchscript_loads_in_plain_torch(engine: dict, tmp_path: Path) -> None:
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    expected = {}
+    for arch in ARCHS:
+        for kind in ("static", "dynamic"):
+            export_torchscript(engine[arch][kind], EXAMPLE_INPUT, tmp_path / f"{arch}-{kind}.ts")
+            with torch.no_grad():
+                expected[f"{arch}-{kind}"] = engine[arch][kind](x)
+    code = textwrap.dedent("""
+        import sys, warnings
+        warnings.simplefilter("ignore")
+        import torch
+        folder, names = sys.argv[1], sys.argv[2:]
+        x = torch.load(folder + "/x.pt", weights_only=True)
+        out = {}
+        for name in names:
+            model = torch.jit.load(folder + "/" + name + ".ts", map_location="cpu")
+            with torch.no_grad():
+                out[name] = model(x)
+        torch.save(out, folder + "/out.pt")
+        leaked = sorted(m for m in sys.modules if m == "pipeline" or m.startswith(("pipeline.", "workers")))
+        print("LEAKED", leaked)
+    """)
+    # run outside the repository so that `pipeline` is not even importable by accident
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), *expected], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LEAKED []" in proc.stdout
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert set(out) == set(expected)
+    for name, want in expected.items():
+        assert torch.allclose(out[name], want, atol=1e-5), name
+
+
+def _assert_same_int8(direct: torch.nn.Module, reused: torch.nn.Module) -> None:
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(direct(x), reused(x))
+    mine = reused.state_dict()
+    qparams = [k for k in direct.state_dict() if k.endswith(("scale", "zero_point"))]
+    assert qparams
+    for k in qparams:
+        assert torch.equal(direct.state_dict()[k], mine[k]), k
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibration_reuse_equals_direct_convert(engine: dict, arch: str) -> None:
+    """convert_static from a stored observer_state == converting the calibrated model itself."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    e = engine[arch]
+    assert e["stored"] and all(OBSERVER_KEY in k for k in e["stored"])
+    with quiet():
+        direct = convert_fx(copy.deepcopy(e["observed"]))
+    _assert_same_int8(direct, e["static"])
+    # a calibration that does not fit the model is refused, not silently half-loaded
+    partial = dict(list(e["stored"].items())[:-1])
+    with pytest.raises(StageError, match="recalibrate"):
+        convert_static(e["fp32"], EXAMPLE_INPUT, partial, observer="minmax", per_channel=True, backend="x86",
+                       arch=arch)
+
+
+def test_calibration_reuse_with_histogram_observer(engine: dict) -> None:
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    fp32 = engine["resnet18"]["fp32"]
+    observed = prepare_static(fp32, EXAMPLE_INPUT, observer="histogram", per_channel=True, backend="x86",
+                              arch="resnet18")
+    with torch.no_grad():
+        observed(calibration_batches(1)[0])
+    state = observer_state(observed)
+    assert any(k.endswith("histogram") for k in state)
+    with quiet():
+        direct = convert_fx(copy.deepcopy(observed))
+    reused = convert_static(copy.deepcopy(fp32), EXAMPLE_INPUT, state, observer="histogram", per_channel=True,
+                            backend="x86", arch="resnet18")
+    _assert_same_int8(direct, reused)
+
+
+# ------------------------------------------------------------------------------- selection
+
+def row(name: str, acc: float, p50: dict[str, float]) -> dict:
+    return {"name": name, "method": "static", "accuracy_top1": acc, "latency_ms_p50": p50}
+
+
+BASELINE = row("fp32", 0.90, {"1": 10.0, "32": 100.0})
+
+
+def test_select_picks_the_fastest_within_budget() -> None:
+    variants = [
+        row("slow-ok", 0.90, {"1": 6.0, "32": 40.0}),
+        row("fast-ok", 0.895, {"1": 4.0, "32": 50.0}),
+        row("fastest-but-inaccurate", 0.70, {"1": 1.0, "32": 10.0}),
+        row("exactly-on-budget", 0.89, {"1": 5.0, "32": 30.0}),
+    ]
+    name, reason = select(BASELINE, variants, 0.01, "1")
+    assert name == "fast-ok"
+    assert "batch 1" in reason and "3 variant(s)" in reason
+    name, _ = select(BASELINE, variants, 0.01, "32")  # the batch size picks the latency column
+    assert name == "exactly-on-budget"
+    name, _ = select(BASELINE, variants, 0.5, "1")
+    assert name == "fastest-but-inaccurate"
+    better = [row("better", 0.95, {"1": 9.0, "32": 99.0})]  # more accurate than fp32 is within budget
+    assert select(BASELINE, better, 0.0, "1")[0] == "better"
+
+
+def test_select_none_when_all_exceed_the_budget() -> None:
+    variants = [row("a", 0.80, {"1": 1.0}), row("b", 0.85, {"1": 2.0}),
+                {"name": "failed", "method": "qat", "accuracy_top1": None}]
+    name, reason = select(BASELINE, variants, 0.01, "1")
+    assert name is None and "budget" in reason
+    assert select(BASELINE, [], 0.01, "1")[0] is None
+    name, reason = select(None, variants, 1.0, "1")
+    assert name is None and "baseline" in reason
