@@ -108,12 +108,16 @@ def decode_image(path: Path, pre: Preprocess, max_pixels: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None  # the size check below happens before any pixel is decoded
         try:
             with Image.open(path) as img:
-                if img.width * img.height > max_pixels:
-                    raise ValueError(
-                        f"image is {img.width}x{img.height}, over data.max_image_pixels={max_pixels}")
+                pixels = img.width * img.height
+                if pixels > 2 * max_pixels:
+                    raise ValueError(f"refused as a decompression bomb: {img.width}x{img.height} claims {pixels} "
+                                     f"pixels, far over data.max_image_pixels={max_pixels}")
+                if pixels > max_pixels:
+                    raise ValueError(f"image is {img.width}x{img.height} ({pixels} pixels), over "
+                                     f"data.max_image_pixels={max_pixels}: raise the limit to accept it")
                 img.load()
                 rgb = _to_rgb(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -236,6 +240,9 @@ def read_image_folder(root: Path, pre: Preprocess, max_pixels: int, skipped: lis
     if not root.is_dir():
         raise ConfigError(f"dataset folder {root} does not exist or is not a folder")
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # class names travel in manifests and JSON: make undecodable bytes visible, keep the real path
+    folders = {printable_name(name): name for name in found}
+    found = sorted(folders)
     for p in sorted(root.iterdir()):
         if p.is_file():
             skipped.append({"file": _display(p, root), "reason": "file outside any class folder"})
@@ -248,9 +255,10 @@ def read_image_folder(root: Path, pre: Preprocess, max_pixels: int, skipped: lis
                               f"lacks (training classes: {classes})")
     split = Split()
     for label, name in enumerate(classes):
-        cdir = root / name
+        cdir = root / folders.get(name, name)
         if not cdir.is_dir():
             continue
+        before = len(split.labels)
         for path, reason in _walk_class(root, cdir):
             if reason is None:
                 try:
@@ -265,6 +273,9 @@ def read_image_folder(root: Path, pre: Preprocess, max_pixels: int, skipped: lis
                     reason = f"unreadable: {err.strerror or err}"
             skipped.append({"file": _display(path, root), "reason": reason})
             log.warning("skipped %s: %s", _display(path, root), reason)
+        if len(split.labels) == before:
+            skipped.append({"file": name, "reason": "class folder holds no images: its class gets no "
+                                                          "training data (add images or remove the folder)"})
     return classes, split
 
 

@@ -36,7 +36,7 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
 
 
 def build_model(arch: str, num_classes: int, weights: str | None = None,
-                checkpoint: Path | None = None) -> nn.Module:
+                checkpoint: Path | None = None, checkpoint_name: str | None = None) -> nn.Module:
     """A torchvision ``arch`` with a head for ``num_classes``.
 
     ``weights`` is a torchvision weights name (loaded from torch's hub cache); ``checkpoint`` a
@@ -65,11 +65,17 @@ def build_model(arch: str, num_classes: int, weights: str | None = None,
     head_w = state.get(f"{head_name}.weight")
     if head_w is not None and head_w.shape[0] != head.out_features:
         replace_head(model, head_w.shape[0])
-    result = model.load_state_dict(state, strict=False)
+    shown = checkpoint_name or checkpoint.name
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes: a checkpoint of another arch
+        first = str(err).split("size mismatch", 1)[-1].strip()[:200]
+        raise ConfigError(f"checkpoint {shown} does not fit {arch}: size mismatch {first}; check "
+                          "model.arch matches the checkpoint") from None
     problems = list(result.missing_keys) + list(result.unexpected_keys)
     if problems:
         raise ConfigError(
-            f"checkpoint {checkpoint.name} does not fit {arch}: missing {list(result.missing_keys)[:5]}, "
+            f"checkpoint {shown} does not fit {arch}: missing {list(result.missing_keys)[:5]}, "
             f"unexpected {list(result.unexpected_keys)[:5]}; check model.arch matches the checkpoint")
     if head_of(model)[1].out_features != num_classes:
         log.info("checkpoint head has %d outputs, dataset %d classes: replacing the head",

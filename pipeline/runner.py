@@ -47,7 +47,7 @@ def _upload_checkpoint(value: str, store: Store) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"checkpoint {value} does not exist: give a local .pt/.pth state_dict file")
     ref = store.put_by_digest("weights", path, path.suffix)
-    return {"kind": "checkpoint", **ref.to_dict()}
+    return {"kind": "checkpoint", "name": path.name, **ref.to_dict()}
 
 
 def spec_digest(spec: PipelineSpec) -> str:

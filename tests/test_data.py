@@ -217,7 +217,7 @@ def test_two_class_folders_but_one_has_no_decodable_image_is_refused(tmp_path: P
     (root / "b" / "x.jpg").write_text("not an image")
     with pytest.raises(ConfigError, match="at least 2") as info:
         ingest(tmp_path, root)
-    assert "1 file(s) skipped" in str(info.value)
+    assert "2 file(s) skipped" in str(info.value)  # the broken file, and b as a class without images
 
 
 def test_single_class_with_nested_folders_is_refused(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ class RunHandle:
                          "state": s.get("state", "pending"), "progress": s.get("progress", 0.0),
                          "worker": s.get("worker"), "error": s.get("error"), "detail": s.get("detail"),
                          "started": s.get("started"), "finished": s.get("finished"),
-                         "attempt": s.get("attempt")})
+                         "attempt": s.get("attempt"), "key": n["key"]})
         if meta.get("summary"):
             out = json.loads(meta["summary"])
         else:
@@ -171,6 +171,12 @@ class Client:
                      spec_sha256=spec_digest(spec), plan=plan)
         result = build_canvas(self.app, plan, run_id, store.uri).apply_async()
         state.set(root_task=result.id)
+        # progress is read from the run status, not from result messages: stop listening now,
+        # while the broker is surely there, instead of when the result is garbage-collected
+        node = result
+        while node is not None:
+            node.backend.remove_pending_result(node)
+            node = node.parent
         log.info("submitted %s (%d stages) to %s", run_id, len(plan), redact(self.broker))
         return RunHandle(self, run_id)
 

@@ -43,12 +43,14 @@ class WorkerProcess(ServerProcess):
         return f"WorkerProcess({self.node})"
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "workers.cli", "worker", "--queues", self.queues, "--broker", self.broker,
-                "--store", self.store, "--concurrency", str(self.concurrency), "--hostname", self.node,
-                *self.extra_args]
+        # the broker URL (which may hold a password) goes through the environment, not argv:
+        # any local user can read a command line
+        return [sys.executable, "-m", "workers.cli", "worker", "--queues", self.queues, "--store", self.store,
+                "--concurrency", str(self.concurrency), "--hostname", self.node, *self.extra_args]
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
+        env["QPIPE_BROKER_URL"] = self.broker
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         return env

@@ -22,7 +22,8 @@ def finetune(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         name = weights["name"]
     elif weights:
         checkpoint = ctx.fetch(weights, "init.pt")
-    model = build_model(cfg["arch"], len(data["classes"]), weights=name, checkpoint=checkpoint)
+    model = build_model(cfg["arch"], len(data["classes"]), weights=name, checkpoint=checkpoint,
+                        checkpoint_name=weights.get("name") if weights else None)
     if cfg["freeze_backbone"]:
         head_name, _ = head_of(model)
         for pname, p in model.named_parameters():
