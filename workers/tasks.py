@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import random
 import threading
 import time
@@ -35,7 +36,8 @@ from workers.state import FINAL_RUN_STATES, RunState, connect
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes to Redis
-LOCK_TTL = 60  # seconds; renewed every LOCK_TTL / 4 while the stage runs
+# seconds a stage lock outlives a holder that died; renewed every LOCK_TTL / 4 while the stage runs
+LOCK_TTL = int(os.environ.get("QPIPE_LOCK_TTL", 60))
 FINAL_STAGE_STATES = ("done", "cached", "failed", "cancelled")
 BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 

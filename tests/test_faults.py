@@ -1,0 +1,281 @@
+"""Faults injected into real processes and servers; each run must still succeed with nothing
+lost or duplicated, its summary must equal an undisturbed run's, and the store must hold no
+orphaned partial objects. Workers here use short leases (visibility 15 s, renewed every 2 s) so
+a dead worker's stage comes back within seconds."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import worker_logs
+from workers.client import Client
+from workers.embedded import WorkerProcess
+from workers.servers import RedisServer
+
+pytestmark = pytest.mark.integration
+FAST_LEASES = {"QPIPE_VISIBILITY_TIMEOUT": "15", "QPIPE_LEASE_INTERVAL": "2", "QPIPE_RESTORE_INTERVAL": "2",
+               "QPIPE_LOCK_TTL": "8"}
+SPEC = {
+    "name": "faults",
+    "seed": 3,
+    "data": {"source": "builtin:digits", "image_size": 16, "calib_size": 512},
+    "finetune": {"epochs": 4, "batch_size": 32, "lr": 0.01},
+    "quantize": {"variants": [{"name": "ptq", "method": "static", "observer": "histogram"},
+                              {"name": "dyn", "method": "dynamic"},
+                              {"name": "qat", "method": "qat", "epochs": 1, "lr": 0.001}]},
+    "benchmark": {"batch_sizes": [1, 16], "iterations": 40, "warmup": 2, "accuracy_budget": 1.0},
+}
+
+
+class Fleet:
+    """A broker of its own and worker processes that a test can kill and replace."""
+
+    def __init__(self, tmp: Path, store: str, env: dict[str, str]) -> None:
+        self.tmp, self.store, self.env = tmp, store, env
+        self.broker = RedisServer(data_dir=tmp / "broker", appendonly=True).start()
+        self.workers: list[WorkerProcess] = []
+
+    def worker(self, queue: str) -> WorkerProcess:
+        old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            w = WorkerProcess(queue, self.broker.url, self.store, self.tmp / f"logs-{len(self.workers)}")
+            self.workers.append(w)
+            return w.start()
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+    def client(self) -> Client:
+        return Client(self.broker.url, self.store)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.broker.stop()
+
+    def logs(self) -> str:
+        return worker_logs({"workers": self.workers})
+
+
+@pytest.fixture
+def fleet(tmp_path, s3_env, request):
+    f = Fleet(tmp_path, f"s3://qpipe/faults-{request.node.name[:40]}", dict(FAST_LEASES))
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, s3_env):
+    """The reference: the same spec run once with nothing going wrong."""
+    f = Fleet(tmp_path_factory.mktemp("ref"), "s3://qpipe/faults-reference", dict(FAST_LEASES))
+    try:
+        f.worker("cpu"), f.worker("gpu")
+        summary = f.client().submit(copy.deepcopy(SPEC)).wait(timeout=600)
+        assert summary["status"] == "SUCCESS", f.logs()[-3000:]
+        return summary
+    finally:
+        f.stop()
+
+
+def wait_for(pred, timeout: float = 180, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not met in time")
+
+
+def stage_state(handle, node_id: str) -> dict:
+    return next(s for s in handle.status()["stages"] if s["id"] == node_id)
+
+
+def assert_same_results(summary: dict, reference: dict) -> None:
+    """Equal up to what is measured (latency) rather than computed: accuracies, sizes, layers,
+    selection. Training on the CPU is deterministic for a given seed, also across a resume."""
+    assert summary["status"] == "SUCCESS"
+    for got, ref in zip([summary["baseline"], *summary["variants"]], [reference["baseline"], *reference["variants"]],
+                        strict=True):
+        assert got["name"] == ref["name"]
+        assert got["accuracy_top1"] == pytest.approx(ref["accuracy_top1"], abs=1e-9), got["name"]
+        assert (got["int8_layers"], got["fp32_layers"]) == (ref["int8_layers"], ref["fp32_layers"])
+        assert abs(got["size_bytes"] - ref["size_bytes"]) < 0.01 * ref["size_bytes"]
+    assert summary["data"]["train"] == reference["data"]["train"]
+
+
+def assert_no_orphans(s3_server, store: str) -> None:
+    """Every object under stages/ belongs to a stage folder whose manifest.json exists."""
+    prefix = store[len("s3://qpipe/"):] + "/stages/"
+    names = [o.object_name for o in s3_server.client().list_objects("qpipe", prefix=prefix, recursive=True)]
+    folders = {"/".join(n.split("/")[:4]) for n in names}
+    missing = [f for f in folders if f"{f}/manifest.json" not in names]
+    assert not missing, f"stage folders without a manifest: {missing}"
+
+
+def checkpoint_written(s3_server, store: str, stage: str = "finetune") -> bool:
+    prefix = store[len("s3://qpipe/"):] + f"/stages/{stage}/"
+    return any("/checkpoints/epoch-0001.pt" in o.object_name
+               for o in s3_server.client().list_objects("qpipe", prefix=prefix, recursive=True))
+
+
+def test_gpu_worker_killed_mid_finetune_resumes_from_checkpoint(fleet, s3_server, undisturbed):
+    fleet.worker("cpu")
+    gpu = fleet.worker("gpu")
+    handle = fleet.client().submit(copy.deepcopy(SPEC))
+    wait_for(lambda: checkpoint_written(s3_server, fleet.store))
+    assert stage_state(handle, "finetune")["state"] == "running"
+    gpu.kill()  # SIGKILL the whole worker: its message is unacknowledged in the broker
+    fleet.worker("gpu")
+    summary = handle.wait(timeout=600)
+    assert summary["status"] == "SUCCESS", fleet.logs()[-3000:]
+    manifest = json.loads(s3_server.client().get_object(
+        "qpipe", f"{fleet.store[len('s3://qpipe/'):]}/stages/finetune/{stage_state(handle, 'finetune')['key']}"
+                 "/manifest.json").read())
+    assert manifest["resumed_from_epoch"] >= 1, "the redelivered task must resume, not restart from epoch 0"
+    assert [h["epoch"] for h in manifest["history"]] == list(range(1, 5))
+    assert_same_results(summary, undisturbed)
+    assert_no_orphans(s3_server, fleet.store)
+
+
+def _pool_child(worker: WorkerProcess) -> int:
+    out = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True)
+    kids = [int(p) for p in out.stdout.split()]
+    # WorkerProcess runs `python -m workers.cli worker`; its prefork children are one level down
+    grand = []
+    for k in kids:
+        g = subprocess.run(["pgrep", "-P", str(k)], capture_output=True, text=True).stdout.split()
+        grand += [int(p) for p in g]
+    return (grand or kids)[0]
+
+
+def test_cpu_pool_child_killed_during_calibration_and_benchmark(fleet, s3_server, undisturbed):
+    cpu = fleet.worker("cpu")
+    fleet.worker("gpu")
+    handle = fleet.client().submit(copy.deepcopy(SPEC))
+    killed = []
+    for victim in ("calibrate:histogram", "benchmark:ptq"):
+        wait_for(lambda v=victim: stage_state(handle, v)["state"] == "running", timeout=300, every=0.02)
+        os.kill(_pool_child(cpu), signal.SIGKILL)  # prefork: the pool process running the stage
+        killed.append(victim)
+        wait_for(lambda v=victim: stage_state(handle, v)["state"] in ("done", "failed"), timeout=300)
+    summary = handle.wait(timeout=600)
+    assert summary["status"] == "SUCCESS", fleet.logs()[-3000:]
+    assert fleet.logs().count("WorkerLostError") >= 2, "both kills must hit a running stage"
+    for victim in killed:
+        assert stage_state(handle, victim)["state"] == "done"
+    assert_same_results(summary, undisturbed)
+    assert_no_orphans(s3_server, fleet.store)
+
+
+def test_broker_killed_and_restarted_mid_run(fleet, s3_server, undisturbed):
+    fleet.worker("cpu"), fleet.worker("gpu")
+    handle = fleet.client().submit(copy.deepcopy(SPEC))
+    wait_for(lambda: stage_state(handle, "finetune")["state"] == "running")
+    fleet.broker.kill()  # SIGKILL; the append-only file keeps queues, results and run status
+    time.sleep(3)
+    fleet.broker.restart()
+    summary = Client(fleet.broker.url, fleet.store).run(handle.run_id).wait(timeout=600)
+    assert summary["status"] == "SUCCESS", fleet.logs()[-3000:]
+    assert_same_results(summary, undisturbed)
+    assert_no_orphans(s3_server, fleet.store)
+
+
+def test_duplicate_delivery_computes_once(fleet, s3_server):
+    from pipeline.plan import build_plan
+    from pipeline.runner import prepare_sources
+    from pipeline.spec import load_spec
+    from pipeline.store import open_store
+    from workers.app import create_app
+
+    fleet.worker("cpu"), fleet.worker("cpu"), fleet.worker("gpu")
+    handle = fleet.client().submit(copy.deepcopy(SPEC))
+    spec = load_spec(copy.deepcopy(SPEC))
+    node = next(n for n in build_plan(spec, prepare_sources(spec, open_store(fleet.store)))
+                if n["id"] == "calibrate:histogram")
+    assert node["key"] == stage_state(handle, "calibrate:histogram")["key"]
+    # deliver the calibration a second time as soon as its input exists: two workers get it
+    wait_for(lambda: stage_state(handle, "finetune")["state"] == "done", timeout=300)
+    app = create_app(fleet.broker.url)
+    app.signature("qpipe.calibrate", args=(handle.run_id, node, fleet.store), queue="cpu").apply_async()
+    summary = handle.wait(timeout=600)
+    assert summary["status"] == "SUCCESS", fleet.logs()[-3000:]
+    wait_for(lambda: fleet.logs().count("'node': 'calibrate:histogram', 'state'") >= 2, timeout=120)
+    prefix = f"{fleet.store[len('s3://qpipe/'):]}/stages/calibrate/{node['key']}/"
+    objs = list(s3_server.client().list_objects("qpipe", prefix=prefix, recursive=True))
+    assert sorted(Path(o.object_name).name for o in objs) == ["manifest.json", "observers.pt"]
+    log = fleet.logs()  # one delivery computed, the other found its result
+    assert log.count("'node': 'calibrate:histogram', 'state': 'done'") == 1, log[-4000:]
+    assert log.count("'node': 'calibrate:histogram', 'state': 'cached'") == 1, log[-4000:]
+    assert_no_orphans(s3_server, fleet.store)
+
+
+@pytest.fixture
+def own_s3(tmp_path):
+    """An S3 server of this test's own, so stopping it disturbs no other test."""
+    from tests.servers import SeaweedS3Server
+
+    server = SeaweedS3Server(tmp_path / "s3").start()
+    server.make_bucket("qpipe")
+    yield server
+    server.stop()
+
+
+def _s3_env(server) -> dict[str, str]:
+    return {"QPIPE_S3_ENDPOINT": server.endpoint, "QPIPE_S3_ACCESS_KEY": server.access_key,
+            "QPIPE_S3_SECRET_KEY": server.secret_key}
+
+
+def _own_fleet(tmp_path, server, monkeypatch, **env: str) -> Fleet:
+    for k, v in _s3_env(server).items():  # for the client in this process, undone after the test
+        monkeypatch.setenv(k, v)
+    return Fleet(tmp_path, "s3://qpipe/outage", {**FAST_LEASES, **_s3_env(server), **env})
+
+
+def test_s3_down_for_15_seconds_is_retried(tmp_path, own_s3, s3_env, undisturbed, monkeypatch):
+    fleet = _own_fleet(tmp_path, own_s3, monkeypatch)
+    try:
+        fleet.worker("cpu"), fleet.worker("gpu")
+        handle = fleet.client().submit(copy.deepcopy(SPEC))
+        wait_for(lambda: stage_state(handle, "finetune")["state"] == "running")
+        own_s3.stop()
+        time.sleep(15)
+        own_s3.restart()
+        summary = handle.wait(timeout=600)
+        assert summary["status"] == "SUCCESS", fleet.logs()[-3000:]
+        assert_same_results(summary, undisturbed)
+        assert_no_orphans(own_s3, fleet.store)
+    finally:
+        fleet.stop()
+
+
+def test_long_s3_outage_fails_clearly_and_resubmission_reuses_finished_stages(tmp_path, own_s3, s3_env,
+                                                                              monkeypatch):
+    fleet = _own_fleet(tmp_path, own_s3, monkeypatch, QPIPE_MAX_RETRIES="1", QPIPE_RETRY_BACKOFF_MAX="2")
+    try:
+        fleet.worker("cpu"), fleet.worker("gpu")
+        handle = fleet.client().submit(copy.deepcopy(SPEC))
+        wait_for(lambda: stage_state(handle, "finetune")["state"] == "done", timeout=300)
+        own_s3.stop()
+        summary = handle.wait(timeout=300)
+        assert summary["status"] == "FAILED"
+        causes = " ".join(s["error"] or "" for s in handle.status()["stages"])
+        assert f"object store {own_s3.endpoint} unreachable" in causes, causes
+        own_s3.restart()
+        again = fleet.client().submit(copy.deepcopy(SPEC))
+        summary = again.wait(timeout=600)
+        assert summary["status"] == "SUCCESS", fleet.logs()[-3000:]
+        states = {s["id"]: s["state"] for s in again.status()["stages"]}
+        assert states["ingest"] == "cached" and states["finetune"] == "cached", states
+        assert_no_orphans(own_s3, fleet.store)
+    finally:
+        fleet.stop()
