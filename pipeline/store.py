@@ -216,8 +216,11 @@ class FileStore(Store):
             raise ConfigError(f"store folder {self.root} is not writable: fix its permissions")
 
 
-def _retrying(what: str, fn: Callable[[], T], attempts: int = 6, base: float = 0.5, cap: float = 8.0) -> T:
-    """Call ``fn``, retrying transient failures with exponential backoff and full jitter."""
+def _retrying(what: str, fn: Callable[[], T], attempts: int | None = None, base: float = 0.5,
+              cap: float = 8.0) -> T:
+    """Call ``fn``, retrying transient failures with exponential backoff and full jitter
+    (``QPIPE_STORE_ATTEMPTS`` tries, 6 by default: about 15 s of patience in all)."""
+    attempts = attempts or max(1, int(os.environ.get("QPIPE_STORE_ATTEMPTS", 6)))
     for attempt in range(attempts):
         try:
             return fn()

@@ -4,6 +4,7 @@ SeaweedFS S3 server, and real ``qpipe worker`` processes for the cpu and gpu que
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,17 @@ def cluster(broker: RedisServer, s3_env: dict[str, str], tmp_path_factory: pytes
     finally:
         for w in workers:
             w.stop()
+
+
+def wait_for(pred, timeout: float = 180, every: float = 0.2):
+    """Poll ``pred`` until it returns something true (returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"condition not met within {timeout}s")
 
 
 def worker_logs(cluster: dict) -> str:

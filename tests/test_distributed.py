@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import SMALL_SPEC, worker_logs
+from tests.conftest import SMALL_SPEC, wait_for, worker_logs
 from workers.client import Client
 
 pytestmark = pytest.mark.integration
@@ -189,16 +189,6 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=root)
 
 
-def _wait_for(pred, timeout: float = 120, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met")
-
-
 def test_cli_submit_status_watch_and_cancel(cluster, tmp_path):
     import yaml
 
@@ -216,7 +206,7 @@ def test_cli_submit_status_watch_and_cancel(cluster, tmp_path):
         ft = next(x for x in st["stages"] if x["id"] == "finetune")
         return st if ft["state"] == "running" and ft["progress"] > 0 else None
 
-    st = _wait_for(running_finetune, timeout=180)
+    st = wait_for(running_finetune, timeout=180)
     assert st["status"] == "RUNNING" and st["run_id"] == run_id
     row = next(x for x in st["stages"] if x["id"] == "finetune")
     assert set(row) >= {"stage", "variant", "state", "progress", "worker", "error"}

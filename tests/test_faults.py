@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import worker_logs
+from tests.conftest import wait_for, worker_logs
 from workers.client import Client
 from workers.embedded import WorkerProcess
 from workers.servers import RedisServer
@@ -31,7 +31,7 @@ SPEC = {
     "quantize": {"variants": [{"name": "ptq", "method": "static", "observer": "histogram"},
                               {"name": "dyn", "method": "dynamic"},
                               {"name": "qat", "method": "qat", "epochs": 1, "lr": 0.001}]},
-    "benchmark": {"batch_sizes": [1, 16], "iterations": 40, "warmup": 2, "accuracy_budget": 1.0},
+    "benchmark": {"batch_sizes": [1, 16], "iterations": 25, "warmup": 2, "accuracy_budget": 1.0},
 }
 
 
@@ -84,16 +84,6 @@ def undisturbed(tmp_path_factory, s3_env):
         return summary
     finally:
         f.stop()
-
-
-def wait_for(pred, timeout: float = 180, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
 
 
 def stage_state(handle, node_id: str) -> dict:
@@ -260,7 +250,8 @@ def test_s3_down_for_15_seconds_is_retried(tmp_path, own_s3, s3_env, undisturbed
 
 def test_long_s3_outage_fails_clearly_and_resubmission_reuses_finished_stages(tmp_path, own_s3, s3_env,
                                                                               monkeypatch):
-    fleet = _own_fleet(tmp_path, own_s3, monkeypatch, QPIPE_MAX_RETRIES="1", QPIPE_RETRY_BACKOFF_MAX="2")
+    fleet = _own_fleet(tmp_path, own_s3, monkeypatch, QPIPE_MAX_RETRIES="1", QPIPE_RETRY_BACKOFF_MAX="2",
+                       QPIPE_STORE_ATTEMPTS="2")
     try:
         fleet.worker("cpu"), fleet.worker("gpu")
         handle = fleet.client().submit(copy.deepcopy(SPEC))
