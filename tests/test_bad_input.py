@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tarfile
 import time
 import zipfile
 import zlib
@@ -41,6 +40,7 @@ from pipeline.errors import ConfigError, SpecError
 from pipeline.runner import run_in_process
 from pipeline.spec import load_spec
 from pipeline.store import FileStore
+from tests.test_data import _tar  # the one tar builder of the tests
 from workers.client import Client
 from workers.servers import RedisServer, free_port
 
@@ -132,21 +132,6 @@ def make_folder(root: Path, layout: dict[str, int], seed: int = 0) -> Path:
     return root
 
 
-def make_tar(path: Path, members: list[tuple[str, str, bytes | str]], mode: str = "w") -> Path:
-    with tarfile.open(path, mode) as tf:
-        for name, kind, data in members:
-            info = tarfile.TarInfo(name)
-            if kind == "file":
-                assert isinstance(data, bytes)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-            else:
-                info.type = tarfile.SYMTYPE
-                info.linkname = str(data)
-                tf.addfile(info)
-    return path
-
-
 PNG = encoded(noise(seed=5), "PNG")
 TWO_CLASSES = [(f"{c}/{i}.png", "file", encoded(noise(seed=i * 7 + len(c)), "PNG"))
                for c in ("a", "b") for i in range(4)]
@@ -221,7 +206,7 @@ def dataset_run(build: Callable[[Path], Path], **data: Any) -> Callable[[Ctx], A
 
 
 def abs_member_tar(tmp: Path) -> Path:
-    return make_tar(tmp / "abs.tar", [*TWO_CLASSES, (str(tmp / "abs-evil.png"), "file", PNG)])
+    return _tar(tmp / "abs.tar", [*TWO_CLASSES, (str(tmp / "abs-evil.png"), "file", PNG)])
 
 
 def checkpoint_run(make: Callable[[], Any]) -> Callable[[Ctx], Any]:
@@ -398,19 +383,19 @@ CASES: list[Case] = [
          act=dataset_run(lambda t: make_folder(t / "two", {"a": 1, "b": 1}))),
     Case("tar-dotdot", "a .tar with a ../ member", "failed-stage",
          ("unsafe member path '../evil.png'", "rebuild the archive with relative paths"), stage="ingest",
-         act=dataset_run(lambda t: make_tar(t / "dotdot.tar", [*TWO_CLASSES, ("../evil.png", "file", PNG)]))),
+         act=dataset_run(lambda t: _tar(t / "dotdot.tar", [*TWO_CLASSES, ("../evil.png", "file", PNG)]))),
     Case("tar-absolute", "a .tar with an absolute member path", "failed-stage", "unsafe member path",
          stage="ingest", act=dataset_run(abs_member_tar)),
     Case("tar-symlink", "a .tar holding a symlink to /etc/passwd", "failed-stage",
          ("holds a link 'a/l.png' -> '/etc/passwd'", "store real files instead"), stage="ingest",
-         act=dataset_run(lambda t: make_tar(t / "link.tar", [*TWO_CLASSES, ("a/l.png", "symlink", "/etc/passwd")]))),
+         act=dataset_run(lambda t: _tar(t / "link.tar", [*TWO_CLASSES, ("a/l.png", "symlink", "/etc/passwd")]))),
     Case("zip-dotdot", "a .zip with a ../ member", "failed-stage", "unsafe member path", stage="ingest",
          act=dataset_run(lambda t: _zip(t / "dotdot.zip", [*[(n, d) for n, _, d in TWO_CLASSES],
                                                             ("../evil.png", PNG)]))),
     Case("archive-too-big", "a 30 KB .tar.gz expanding to 8 MB, over data.max_archive_bytes=1000000",
          "failed-stage", ("expands past data.max_archive_bytes=1000000", "raise the limit or split the dataset"),
          stage="ingest", act=dataset_run(
-             lambda t: make_tar(t / "bomb.tar.gz", [*TWO_CLASSES, ("a/zeros.png", "file", b"\0" * (8 << 20))],
+             lambda t: _tar(t / "bomb.tar.gz", [*TWO_CLASSES, ("a/zeros.png", "file", b"\0" * (8 << 20))],
                                 "w:gz"), max_archive_bytes=1_000_000)),
     Case("not-an-archive", "a text file named .tar", "failed-stage", "not a readable tar or zip", stage="ingest",
          act=dataset_run(lambda t: _write(t / "fake.tar", b"definitely not a tar\n" * 50))),
