@@ -358,6 +358,8 @@ def run_distributed_mode(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
                     cluster = EmbeddedCluster(home=Path(tmp) / "home", store=store)
                 cluster.start()
                 started_pgids.update(p.pid for p in [cluster.redis, *cluster.workers] if p and p.pid)
+                roles = {s3.pid: "s3 (weed)", cluster.redis.pid: "broker (valkey)",
+                         **{w.pid: f"worker {w.queues}" for w in cluster.workers}}
                 cluster_s = time.perf_counter() - t1
                 log(f"distributed: broker {cluster.broker}, {len(cluster.workers)} workers up in {cluster_s:.1f}s")
                 out["startup_s"] = {"s3": round(s3_s, 2), "cluster": round(cluster_s, 2),
@@ -379,6 +381,8 @@ def run_distributed_mode(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
                 log("distributed: submitting")
                 members0 = group_members(started_pgids)
                 busy0, own0 = machine_busy_s(), self_cpu_s() + process_cpu_s(members0)
+                by_role0 = {role: process_cpu_s(group_members({pg})) for pg, role in roles.items()}
+                client0 = self_cpu_s()
                 t2 = time.perf_counter()
                 handle = client.submit(spec)
                 submit_s = time.perf_counter() - t2
@@ -386,7 +390,11 @@ def run_distributed_mode(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
                 wall = time.perf_counter() - t2
                 members1 = group_members(started_pgids)
                 own1 = self_cpu_s() + process_cpu_s(members1)
+                by_role = {role: round(process_cpu_s(group_members({pg})) - by_role0[role], 1)
+                           for pg, role in roles.items()}
+                by_role["client (this process)"] = round(self_cpu_s() - client0, 1)
                 cpu = cpu_report(busy0, machine_busy_s(), own1 - own0, wall)
+                cpu["own_cpu_s_by_process"] = by_role
                 if set(members1) != set(members0):
                     cpu["note"] = "server/worker processes changed during the run: own_cpu_s may be approximate"
                 stage_s = {r["id"]: round(r["finished"] - r["started"], 2) for r in final.get("stages", [])
