@@ -66,7 +66,7 @@ from typing import Any
 import torch
 
 from pipeline import quant
-from pipeline.bench import measure_latency, threads
+from pipeline.bench import machine_busy_s, measure_latency, threads
 from pipeline.models import build_model
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
@@ -204,16 +204,6 @@ def build_forms(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Call
                 }
     facts["agreement_with_fp32_eager"] = agreement
     return forms, facts
-
-
-def machine_busy_s() -> float | None:
-    """CPU seconds the whole machine (all cores) has spent busy since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            vals = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(vals[:8]) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
 def measure(model: Callable, x: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:

@@ -145,17 +145,6 @@ def build_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return parse_spec(data, base_dir=args.spec.parent, source=str(args.spec)), over
 
 
-def machine_busy_s() -> float | None:
-    """CPU seconds spent busy by the whole machine (all cores) since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            vals = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def process_cpu_s(pids: list[int]) -> float:
     """utime + stime (+ reaped children's) of ``pids``, in seconds."""
     total = 0
@@ -206,6 +195,7 @@ def results_of(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_in_process_mode(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.bench import machine_busy_s
     from pipeline.runner import run_in_process
     from pipeline.store import FileStore
 
@@ -327,6 +317,7 @@ class SingleWorkerCluster:
 
 
 def run_distributed_mode(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.bench import machine_busy_s
     from tests.servers import SeaweedS3Server
     from workers.client import Client
     from workers.embedded import EmbeddedCluster

@@ -21,6 +21,21 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds the whole machine (all cores) has spent busy since boot, from /proc/stat
+    (None where there is none): the bench scripts use it to tell a quiet measurement from one
+    that shared the cores with other processes."""
+    import os
+
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         raise ValueError("no values")
