@@ -62,9 +62,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", default="cpu", help="cpu, gpu or cpu,gpu")
     _common(p)
     p.add_argument("--concurrency", type=int, default=1, help="processes (prefork) for the cpu queue")
-    p.add_argument("--pool", choices=["prefork", "solo", "threads"], default=None,
-                   help="default: solo when the gpu queue is served (CUDA is never initialised in a fork), "
-                        "prefork otherwise")
+    p.add_argument("--pool", choices=["prefork", "solo", "threads"], default="prefork",
+                   help="prefork (default): stages run in pool processes that the worker recycles; the "
+                        "parent never touches CUDA, so a child initialises it after the fork")
+    p.add_argument("--max-tasks-per-child", type=int, default=None,
+                   help="replace a pool process after N stages (default: 1 with the gpu queue, so each "
+                        "training stage gets a fresh process and hands all its memory back; 0 = never)")
     p.add_argument("--hostname", default=None, help="Celery node name (default: qpipe-QUEUES-PID@HOST)")
     p.add_argument("--loglevel", default="INFO")
     return ap
@@ -206,6 +209,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
+    # Several workers (and their pool processes) may share one machine's cores. OpenMP's default
+    # of spinning while waiting turns that sharing into a many-fold slowdown; passive waiting
+    # costs a single busy process little. Must be set before torch is imported. Override by
+    # setting OMP_WAIT_POLICY yourself.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
     from workers.app import app, broker_url, configure
     from workers.client import check_broker
 
@@ -227,12 +236,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.leases import install
 
     install(app, LEASE_INTERVAL)
-    pool = args.pool or ("solo" if "gpu" in queues else "prefork")
+    pool = args.pool
     node = args.hostname or f"qpipe-{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
     argv = ["worker", "-Q", ",".join(queues), "-P", pool, "-n", node, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle"]
     if pool != "solo":
         argv += ["--concurrency", str(args.concurrency)]
+    if pool == "prefork":
+        per_child = args.max_tasks_per_child
+        if per_child is None:
+            per_child = 1 if "gpu" in queues else 0
+        if per_child > 0:
+            argv += ["--max-tasks-per-child", str(per_child)]
+        # import torch once in the parent, so a recycled pool process starts in milliseconds; this
+        # loads the CUDA libraries but does not initialise CUDA, which only a pool process does
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
     app.worker_main(argv)
     return EXIT_OK
 
