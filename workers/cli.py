@@ -75,29 +75,16 @@ def parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------- printing
 
-def _fmt_stage(s: dict[str, Any]) -> str:
-    worker = f" on {s['worker']}" if s.get("worker") else ""
-    extra = f"  {s['detail']}" if s.get("detail") and s["state"] == "running" else ""
-    err = f"  {s['error']}" if s.get("error") and s["state"] in ("failed", "retrying", "cancelled") else ""
-    pct = f" {100 * (s.get('progress') or 0):5.1f}%" if s["state"] == "running" else ""
-    return f"{s['id']:<28} {s['state']:<9}{pct}{worker}{extra}{err}"
-
-
 def follow(handle, *, progress: bool = True, timeout: float | None = None, out=sys.stdout) -> dict[str, Any]:
-    """Print a line whenever a stage changes state (and, with ``progress``, every ~10% of
-    progress); return the final summary."""
-    seen: dict[str, tuple[str, int]] = {}
-    t0 = time.monotonic()
+    """Show the run's stages while it runs (a live board on a terminal, plain lines otherwise:
+    see ``workers.progress``); return the final summary."""
+    from workers.progress import printer
 
-    def on_update(st: dict[str, Any]) -> None:
-        for s in st.get("stages", []):
-            bucket = int((s.get("progress") or 0) * 10) if progress and s["state"] == "running" else 0
-            mark = (s["state"], bucket)
-            if seen.get(s["id"]) != mark:
-                seen[s["id"]] = mark
-                print(f"[{time.monotonic() - t0:7.1f}s] {_fmt_stage(s)}", file=out, flush=True)
-
-    return handle.wait(timeout=timeout, poll=0.5, on_update=on_update)
+    board = printer(out, progress)
+    try:
+        return handle.wait(timeout=timeout, poll=0.5, on_update=board.update)  # the last update is the end
+    finally:
+        board.close()
 
 
 def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
@@ -179,8 +166,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
     else:
+        from workers.progress import stage_line
+
+        now = time.time()
         for s in st.get("stages", []):
-            print(_fmt_stage(s))
+            print(stage_line(s, now, with_bar=False))
         print_summary(st)
     return EXIT_OK if st["status"] in ("SUCCESS", "RUNNING", "PENDING") else EXIT_FAILED
 
