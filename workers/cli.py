@@ -6,6 +6,7 @@
     qpipe watch RUN_ID [--broker URL] [--store URI]
     qpipe cancel RUN_ID [--broker URL]
     qpipe worker --queues cpu|gpu|cpu,gpu [--broker URL] [--store URI] [--concurrency N]
+    qpipe flower [--broker URL] [--port 5555] [--address 127.0.0.1] [-- FLOWER ARGS]
 
 Exit status: 0 when the run succeeded, 1 when it failed or was cancelled, 2 when the spec or
 the configuration was refused (nothing was enqueued), 130 on Ctrl-C.
@@ -70,6 +71,14 @@ def parser() -> argparse.ArgumentParser:
                         "training stage gets a fresh process and hands all its memory back; 0 = never)")
     p.add_argument("--hostname", default=None, help="Celery node name (default: qpipe-QUEUES-PID@HOST)")
     p.add_argument("--loglevel", default="INFO")
+    p = sub.add_parser("flower", help="start Flower (the Celery dashboard) against the broker",
+                       description="Start Flower against the configured broker; arguments after -- go to Flower "
+                                   "(e.g. -- --basic-auth=user:pass). Needs the flower extra: "
+                                   "pip install 'qpipe[flower]'.")
+    _common(p, store=False)
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0 to serve other machines)")
+    p.add_argument("flower_args", nargs=argparse.REMAINDER, help="passed to Flower")
     return ap
 
 
@@ -246,8 +255,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    from workers.app import app, broker_url, configure
+    from workers.client import check_broker
+
+    try:
+        import flower  # noqa: F401
+    except ImportError:
+        raise SystemExit("qpipe flower: Flower is not installed: pip install 'qpipe[flower]'") from None
+    url = broker_url(args.broker)
+    if not url:
+        raise SystemExit("qpipe flower: no broker: pass --broker or set QPIPE_BROKER_URL")
+    check_broker(url)
+    configure(app, url)
+    extra = [a for a in args.flower_args if a != "--"]
+    app.start(["flower", f"--port={args.port}", f"--address={args.address}", *extra])
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "watch": cmd_watch,
-            "cancel": cmd_cancel, "worker": cmd_worker}
+            "cancel": cmd_cancel, "worker": cmd_worker, "flower": cmd_flower}
 
 
 def main(argv: list[str] | None = None) -> int:
