@@ -1,0 +1,105 @@
+"""Horizontal scaling and Flower, with real parts: the session's Valkey, S3 and workers plus a
+second cpu worker and a real Flower process, all on loopback.
+
+One pipeline whose variants fan out runs while two cpu-queue workers are up: its branch stages
+must have run on both of them, and Flower (started before the run, fed by the workers' task
+events) must list the run's tasks under their qpipe names, with the run id and stage in the
+arguments and no credentials."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL_SPEC, wait_for
+from workers.client import Client
+from workers.embedded import WorkerProcess
+from workers.servers import ServerProcess, free_ports
+
+pytestmark = pytest.mark.integration
+
+
+class FlowerProcess(ServerProcess):
+    """``qpipe flower`` on a free loopback port, with its HTTP API open to this test."""
+
+    name = "flower"
+
+    def __init__(self, broker: str, base_dir: Path) -> None:
+        self.broker = broker
+        self.port = free_ports(1)[0]
+        super().__init__(base_dir, startup_timeout=60.0, stop_timeout=10.0, log_name="flower.log")
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "workers.cli", "flower", "--port", str(self.port), "--address", "127.0.0.1",
+                "--", "--persistent=False"]
+
+    def _child_env(self) -> dict[str, str]:
+        root = str(Path(__file__).resolve().parent.parent)
+        return {**os.environ, "QPIPE_BROKER_URL": self.broker, "FLOWER_UNAUTHENTICATED_API": "true",
+                "PYTHONPATH": root}
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def _wait_ready(self, deadline: float) -> None:
+        def up() -> bool:
+            self._check_alive()
+            try:
+                self.get("/api/workers?refresh=false")
+                return True
+            except OSError:
+                return False
+
+        while time.monotonic() < deadline:
+            if up():
+                return
+            time.sleep(0.3)
+        raise TimeoutError("flower did not answer")
+
+
+def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s3_env, tmp_path):
+    second = WorkerProcess("cpu", cluster["broker"], cluster["store"], tmp_path / "logs")
+    flower = FlowerProcess(cluster["broker"], tmp_path / "flower")
+    try:
+        second.start()
+        flower.start()
+        spec = copy.deepcopy(SMALL_SPEC)
+        spec["name"] = "digits-scale"
+        spec["seed"] = 11  # a key of its own: nothing from other tests' runs is reused
+        spec["quantize"]["variants"] = [v for v in spec["quantize"]["variants"] if v["method"] != "qat"]
+        handle = Client(cluster["broker"], cluster["store"]).submit(spec)
+        summary = handle.wait(timeout=600, poll=0.5)
+        assert summary["status"] == "SUCCESS", summary
+
+        branch = [s for s in summary["stages"] if s["stage"] in ("calibrate", "quantize", "benchmark")]
+        per_worker = Counter(s["worker"] for s in branch)
+        cpu_nodes = {cluster["workers"][0].node, second.node}
+        assert set(per_worker) == cpu_nodes, f"branch stages per worker: {dict(per_worker)}"
+
+        def run_tasks() -> list[dict]:
+            tasks = flower.get("/api/tasks?limit=1000")
+            mine = [t for t in tasks.values() if handle.run_id in str(t.get("args"))]
+            return mine if len(mine) >= len(summary["stages"]) and all(t.get("state") == "SUCCESS" for t in mine) \
+                else []
+
+        tasks = wait_for(run_tasks, timeout=60, every=1.0)
+        names = Counter(t["name"] for t in tasks)
+        assert names["qpipe.finetune"] == 1 and names["qpipe.report"] == 1, names
+        assert names["qpipe.benchmark"] == 4 and names["qpipe.calibrate"] == 2, names
+        assert {t["worker"] for t in tasks if t["name"] == "qpipe.benchmark"} <= cpu_nodes
+        blob = json.dumps(tasks)
+        assert s3_env["QPIPE_S3_SECRET_KEY"] not in blob and s3_env["QPIPE_S3_ACCESS_KEY"] not in blob
+        workers = flower.get("/api/workers?refresh=true")
+        assert second.node in workers, sorted(workers)
+    finally:
+        flower.stop()
+        second.stop()
