@@ -247,10 +247,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
             per_child = 1 if "gpu" in queues else 0
         if per_child > 0:
             argv += ["--max-tasks-per-child", str(per_child)]
-        # import torch once in the parent, so a recycled pool process starts in milliseconds; this
-        # loads the CUDA libraries but does not initialise CUDA, which only a pool process does
+        # import torch and the stages once in the parent, so a recycled pool process starts in
+        # milliseconds; this loads the CUDA libraries but does not initialise CUDA, which only a
+        # pool process does
         import torch  # noqa: F401
         import torchvision  # noqa: F401
+
+        from pipeline.stages import load_all
+
+        load_all()
     app.worker_main(argv)
     return EXIT_OK
 

@@ -35,9 +35,10 @@ class WorkerProcess(ServerProcess):
         self.store = store
         self.concurrency = concurrency
         self.extra_args = extra_args
-        self.node = f"qpipe-{queues.replace(',', '-')}-{secrets.token_hex(3)}@{socket.gethostname()}"
+        tag = f"{queues.replace(',', '-')}-{secrets.token_hex(3)}"
+        self.node = f"qpipe-{tag}@{socket.gethostname()}"
         super().__init__(base_dir, startup_timeout=120.0, stop_timeout=30.0,
-                         log_name=f"worker-{queues.replace(',', '-')}.log")
+                         log_name=f"worker-{tag}.log")
 
     def __repr__(self) -> str:
         return f"WorkerProcess({self.node})"
@@ -67,10 +68,12 @@ class WorkerProcess(ServerProcess):
 class EmbeddedCluster:
     """Context manager: ``with EmbeddedCluster() as c: Client(c.broker, c.store)...``"""
 
-    def __init__(self, home: Path | None = None, store: str | None = None, cpu_concurrency: int = 1) -> None:
+    def __init__(self, home: Path | None = None, store: str | None = None, cpu_concurrency: int = 1,
+                 cpu_workers: int = 1) -> None:
         self.home = home or qpipe_home()
         self.store = store or (self.home / "store").as_uri()
         self.cpu_concurrency = cpu_concurrency
+        self.cpu_workers = cpu_workers
         self.redis: RedisServer | None = None
         self.workers: list[WorkerProcess] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -87,8 +90,8 @@ class EmbeddedCluster:
         try:
             self.redis = RedisServer(data_dir=base / "broker").start()
             self.workers = [WorkerProcess("cpu", self.redis.url, self.store, base / "logs",
-                                          concurrency=self.cpu_concurrency),
-                            WorkerProcess("gpu", self.redis.url, self.store, base / "logs")]
+                                          concurrency=self.cpu_concurrency) for _ in range(self.cpu_workers)]
+            self.workers.append(WorkerProcess("gpu", self.redis.url, self.store, base / "logs"))
             for w in self.workers:
                 w.start()
         except BaseException:

@@ -1,0 +1,75 @@
+"""Horizontal scaling: the wall time of one batch of pipelines with 1 and then 2 cpu-queue
+workers (plus the one gpu-queue worker every run has), all on loopback.
+
+Each configuration gets a fresh private Valkey and a fresh ``file://`` store (nothing is served
+from the cache of the other configuration) and runs the same batch: ``--pipelines`` small
+pipelines submitted at once, each with its own fine-tune and four cpu-heavy branches (two static
+observers, dynamic, plus the fp32 baseline's benchmark), so the cpu queue is the bottleneck.
+``speedup`` = wall(1 cpu worker) / wall(2 cpu workers), measured in the same invocation.
+
+It prints one JSON object; it never fails on a missed speedup. On a machine with C cores,
+expect at most about C / (cores a stage uses) times: on 2 cores every worker process competes
+for the same two cores, which the JSON's ``cores`` states.
+
+    python bench/scale.py                 # 6 pipelines per configuration
+    python bench/scale.py --pipelines 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workers.client import Client  # noqa: E402
+from workers.embedded import EmbeddedCluster  # noqa: E402
+
+
+def spec(i: int, size: int) -> dict:
+    return {
+        "name": f"scale-{i:03d}",
+        "seed": i,
+        "data": {"source": "builtin:digits", "image_size": size, "calib_size": 64},
+        "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
+        "quantize": {"variants": [{"name": "ptq-minmax", "method": "static", "observer": "minmax"},
+                                  {"name": "ptq-histogram", "method": "static", "observer": "histogram"},
+                                  {"name": "dynamic", "method": "dynamic"}]},
+        "benchmark": {"batch_sizes": [1, 16], "iterations": 10, "warmup": 2, "accuracy_budget": 1.0},
+    }
+
+
+def run_batch(cpu_workers: int, n: int, size: int, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="qpipe-scale-") as tmp:
+        with EmbeddedCluster(home=Path(tmp), cpu_workers=cpu_workers) as cluster:
+            client = Client(cluster.broker, cluster.store)
+            t0 = time.monotonic()
+            handles = [client.submit(spec(i, size)) for i in range(n)]
+            summaries = [h.wait(timeout=timeout, poll=0.5) for h in handles]
+            wall = time.monotonic() - t0
+    per_worker = Counter(s["worker"] for r in summaries for s in r["stages"] if s["stage"] != "finetune")
+    return {"cpu_workers": cpu_workers, "wall_seconds": round(wall, 1),
+            "succeeded": sum(r["status"] == "SUCCESS" for r in summaries),
+            "stages_per_worker": dict(per_worker)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pipelines", type=int, default=6)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--timeout", type=float, default=1800)
+    args = ap.parse_args()
+    runs = [run_batch(k, args.pipelines, args.image_size, args.timeout) for k in (1, 2)]
+    print(json.dumps({"pipelines": args.pipelines, "image_size": args.image_size,
+                      "cores": len(os.sched_getaffinity(0)), "runs": runs,
+                      "speedup": round(runs[0]["wall_seconds"] / runs[1]["wall_seconds"], 2)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
