@@ -225,3 +225,19 @@ def test_cli_submit_status_watch_and_cancel(cluster, tmp_path):
     # the gpu worker is free again: a small run after the cancelled one still succeeds
     summary = Client(cluster["broker"], cluster["store"]).submit(copy.deepcopy(SMALL_SPEC)).wait(timeout=TIMEOUT)
     assert summary["status"] == "SUCCESS"
+
+
+def test_a_task_that_breaks_outside_its_stage_still_returns_so_the_chord_fires(cluster):
+    """A message whose node lacks its inputs raises inside the adapter, before the stage runs.
+    The task must record the stage as failed and return a result (a raised error would fail the
+    chord, and the report, hence the run, would never end)."""
+    from workers.app import app, configure
+    from workers.state import RunState, connect
+
+    configure(app, cluster["broker"])
+    run_id = f"broken-message-{time.time_ns()}"
+    node = {"id": "quantize:broken", "stage": "quantize", "variant": "broken", "key": "0" * 32}
+    result = app.send_task("qpipe.quantize", args=(run_id, node, cluster["store"]), queue="cpu")
+    assert result.get(timeout=120) == {"node": "quantize:broken", "state": "failed"}
+    stage = RunState(connect(cluster["broker"]), run_id).stage("quantize:broken")
+    assert stage["state"] == "failed" and "KeyError" in stage["error"], stage

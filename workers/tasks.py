@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import redis
 from celery import Task
+from celery.exceptions import Retry
 
 from workers.app import MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
 from workers.state import FINAL_RUN_STATES, RunState, connect
@@ -218,11 +219,31 @@ def _cleanup(store: Any, node: dict, keep_checkpoints: bool) -> None:
         remove_partial_outputs(store, node, keep_checkpoints)
     except QpipeError as err:  # the store is down: the next attempt overwrites the same keys
         log.warning("could not remove partial outputs of %s: %s", node["id"], err)
+    except Exception:  # never let clean-up hide the stage's own outcome from the run
+        log.exception("could not remove partial outputs of %s", node["id"])
+
+
+def fail_stage(task: Task, run_id: str, node: dict[str, Any], error: str) -> dict[str, Any]:
+    """Record a stage as failed (the report stage: the run as FAILED) and return its result."""
+    state = state_for(task, run_id)
+    patiently(lambda: state.update_stage(node["id"], state="failed", finished=time.time(), error=error), "status")
+    if node.get("stage") == "report":
+        patiently(lambda: state.set(status="FAILED", finished=time.time(), error=f"report failed: {error}"),
+                  "status")
+    return {"node": node["id"], "state": "failed"}
 
 
 def _make_task(stage: str, queue: str) -> Task:
     def stage_task(self: Task, run_id: str, node: dict[str, Any], store_uri: str) -> dict[str, Any]:
-        return run_stage(self, run_id, node, store_uri)
+        try:
+            return run_stage(self, run_id, node, store_uri)
+        except Retry:
+            raise
+        except Exception as err:
+            # A task that raises makes the chord fail and its report never run, leaving the run
+            # RUNNING forever: record the failure and return, so the report still fires.
+            log.exception("%s %s: unexpected error outside the stage", run_id, node.get("id"))
+            return fail_stage(self, run_id, node, f"{type(err).__name__}: {err}")
 
     stage_task.__name__ = f"{stage}_task"
     stage_task.__doc__ = f"qpipe stage '{stage}' (queue {queue})."
