@@ -1,8 +1,14 @@
-"""Joining benchmark results into a run summary, choosing a variant, and writing the report."""
+"""Joining benchmark results into a run summary, choosing a variant, and writing the report:
+``report.md`` and a self-contained ``report.html`` (inline CSS, no scripts, no external fonts),
+both showing the pictures of ``pipeline.plots`` as PNG files next to them by relative path, so
+the report's folder can be copied anywhere and still shows them."""
 
 from __future__ import annotations
 
+import html
 from typing import Any
+
+from pipeline.plots import FILES, TITLES, selection_batch
 
 
 def entry(bench: dict[str, Any]) -> dict[str, Any]:
@@ -70,30 +76,201 @@ def text_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CAPTIONS = {
+    "accuracy_latency": "Top-1 against p50 latency at batch {batch} for every measured model. The green step line "
+                        "is the Pareto front (no other model is both faster and more accurate), the dotted line "
+                        "is the accuracy budget below the fp32 baseline, and the ringed point is the selected "
+                        "variant: the fastest one above that line.",
+    "size": "Size of each deployable artifact (the TorchScript file that users load).",
+    "training": "Loss and accuracy per epoch on the training split (solid) and the validation split (dashed), "
+                "for the fp32 fine-tuning and each QAT variant.",
+}
+
+
+def layer_matrix(layers: dict[str, list[dict]]) -> tuple[list[str], list[tuple[str, list[str], list[str | None]]]]:
+    """The per-layer table of every variant side by side: (variant names, rows), where a row is
+    (layer, its distinct module types, its precision in each variant or None where absent)."""
+    names = [n for n, rows in layers.items() if rows]
+    order: dict[str, tuple[list[str], dict[str, str]]] = {}
+    for n in names:
+        for r in layers[n]:
+            types, cells = order.setdefault(str(r["layer"]), ([], {}))
+            if str(r["type"]) not in types:
+                types.append(str(r["type"]))
+            cells[n] = str(r["precision"])
+    return names, [(layer, types, [cells.get(n) for n in names]) for layer, (types, cells) in order.items()]
+
+
+def _counts(rows: list[dict]) -> tuple[int, int]:
+    int8 = sum(1 for r in rows if str(r["precision"]).startswith("int8"))
+    return int8, len(rows) - int8
+
+
+def _not_plotted(summary: dict[str, Any]) -> list[str]:
+    return [str(v["name"]) for v in summary.get("variants", []) if v.get("accuracy_top1") is None]
+
+
+def _caption(kind: str, summary: dict[str, Any]) -> str:
+    text = CAPTIONS[kind].format(batch=selection_batch(summary))
+    missing = _not_plotted(summary)
+    if missing and kind != "training":
+        text += f" Not shown (no result): {', '.join(missing)}."
+    return text
+
+
+# ------------------------------------------------------------------------------------ Markdown
+
+def _cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return " ".join(str(text).split("\n")).replace("|", "\\|")
+
+
+def _code(text: Any) -> str:
+    """A Markdown code span holding ``text`` literally, whatever backticks it contains."""
+    text = " ".join(str(text).split("\n"))
+    fence = "`"
+    while fence in text:
+        fence += "`"
+    return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
+
+
 def markdown(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
+    """``report.md``: the variant table, the pictures (``summary["plots"]``, relative paths), the
+    failures, the per-layer int8/fp32 table, skipped files and artifact locations."""
     rows = table(summary)
-    out = [f"# qpipe report: {summary['name']}", "",
-           f"Run `{summary['run_id']}`: **{summary['status']}**.", ""]
-    data = summary.get("data", {})
+    out = [f"# qpipe report: {_cell(summary['name'])}", "",
+           f"Run {_code(summary['run_id'])}: **{summary['status']}**.", ""]
+    data = summary.get("data") or {}
     out += [f"Data: {data.get('classes')} classes, {data.get('train')} training and {data.get('val')} "
-            f"validation images, {len(data.get('skipped', []))} file(s) skipped.", ""]
+            f"validation images, {len(data.get('skipped') or [])} file(s) skipped.", ""]
     out += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    out += ["", f"Selected: **{summary.get('selected') or 'none'}**: {summary.get('selection_reason', '')}", ""]
+    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows[1:]]
+    out += ["", f"Selected: **{_cell(summary.get('selected') or 'none')}**: {summary.get('selection_reason', '')}", ""]
+    for kind in FILES:
+        if kind in (summary.get("plots") or {}):
+            out += [f"## {TITLES[kind]}", "", f"![{TITLES[kind]}]({FILES[kind]})", "", _caption(kind, summary), ""]
+    for kind, err in (summary.get("plot_errors") or {}).items():
+        out += [f"The {TITLES.get(kind, kind).lower()} plot could not be drawn: {_cell(err)}", ""]
     if summary.get("failures"):
-        out += ["## Failures", ""] + [f"- `{f['stage']}` ({f.get('variant') or '-'}): {f['error']}"
+        out += ["## Failures", ""] + [f"- {_code(f['stage'])} ({_cell(f.get('variant') or '-')}): {_cell(f['error'])}"
                                       for f in summary["failures"]] + [""]
+    names, matrix = layer_matrix(layers)
+    if names:
+        counts = [_counts(layers[n]) for n in names]
+        out += ["## Layers: int8 or fp32 in each variant", "",
+                "; ".join(f"{_cell(n)}: {i} int8, {f} fp32" for n, (i, f) in zip(names, counts, strict=True)) + ".",
+                "", "| layer | type | " + " | ".join(_cell(n) for n in names) + " |",
+                "|" + "---|" * (len(names) + 2)]
+        out += [f"| {_cell(layer)} | {_cell(', '.join(types))} | " + " | ".join(p or "-" for p in precisions) + " |"
+                for layer, types, precisions in matrix] + [""]
     if data.get("skipped"):
-        out += ["## Skipped files", ""] + [f"- `{s['file']}`: {s['reason']}" for s in data["skipped"][:200]] + [""]
-    for name, rows_ in layers.items():
-        if not rows_:
-            continue
-        int8 = sum(1 for r in rows_ if r["precision"].startswith("int8"))
-        out += [f"## Layers of {name}: {int8} int8, {len(rows_) - int8} fp32", "",
-                "| layer | type | precision |", "|---|---|---|"]
-        out += [f"| {r['layer']} | {r['type']} | {r['precision']} |" for r in rows_] + [""]
+        out += ["## Skipped files", ""] + [f"- {_code(s['file'])}: {_cell(s['reason'])}"
+                                           for s in data["skipped"][:200]] + [""]
     out += ["## Artifacts", ""]
     for v in ([summary["baseline"]] if summary.get("baseline") else []) + summary.get("variants", []):
         if v.get("artifact"):
-            out.append(f"- {v['name']}: `{v['artifact']}` (manifest `{v['manifest']}`)")
+            out.append(f"- {_cell(v['name'])}: {_code(v['artifact'])} (manifest {_code(v['manifest'])})")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#111827;
+ margin:2rem auto;max-width:70rem;padding:0 1rem;line-height:1.45}
+h1{font-size:1.5rem;margin-bottom:.25rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #e5e7eb}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.85em;background:#f3f4f6;
+ padding:0 .2em;border-radius:3px;word-break:break-all}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}
+th,td{border:1px solid #d1d5db;padding:.2rem .5rem;text-align:left;vertical-align:top}
+th{background:#f3f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.selected td{background:#fee2e2;font-weight:600}tr.failed td{color:#991b1b}
+td.int8{background:#dcfce7}td.fp32{background:#fef3c7}td.absent{color:#9ca3af}
+.status{display:inline-block;padding:.05rem .5rem;border-radius:999px;font-weight:600;color:#fff}
+.status-SUCCESS{background:#16a34a}.status-FAILED{background:#dc2626}.status-CANCELLED{background:#6b7280}
+figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #e5e7eb}
+figcaption{font-size:.85rem;color:#4b5563;max-width:48rem}
+.error{color:#991b1b}ul.failures li{margin:.2rem 0}details{margin:.5rem 0}
+"""
+
+# scripts, plugins, frames and fonts from anywhere are refused; pictures only from the report's own place
+CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+NUMERIC = {"top-1", "drop vs fp32", "size", "int8/fp32 layers"}
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def html_page(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
+    """``report.html``: the same content as ``markdown``, as one page with inline CSS and no script.
+    Every string that comes from the user, the data or an error (names, class names, file names,
+    messages, URIs) is HTML-escaped."""
+    rows = table(summary)
+    status = str(summary.get("status", ""))
+    status_class = status if status in ("SUCCESS", "FAILED", "CANCELLED") else "OTHER"
+    title = f"qpipe report: {summary.get('name', '')}"
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f"<title>{_e(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
+           f"<h1>{_e(title)}</h1>",
+           f'<p>Run <code>{_e(summary.get("run_id", ""))}</code>: '
+           f'<span class="status status-{status_class}">{_e(status)}</span></p>']
+    data = summary.get("data") or {}
+    out.append(f"<p>Data: {_e(data.get('classes'))} classes, {_e(data.get('train'))} training and "
+               f"{_e(data.get('val'))} validation images, {len(data.get('skipped') or [])} file(s) skipped.</p>")
+    if data.get("class_names"):
+        out.append(f"<details><summary>Classes ({len(data['class_names'])})</summary><p>" +
+                   ", ".join(f"<code>{_e(c)}</code>" for c in data["class_names"]) + "</p></details>")
+    header = rows[0]
+    out.append('<table class="variants"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in header) +
+               "</tr></thead><tbody>")
+    selected_col = header.index("selected")
+    for r in rows[1:]:
+        cls = "selected" if r[selected_col] == "*" else "failed" if r[2] == "FAILED" else ""
+        cells = "".join(f'<td class="num">{_e(c)}</td>' if h in NUMERIC or h.startswith("p50") else f"<td>{_e(c)}</td>"
+                        for h, c in zip(header, r, strict=True))
+        out.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
+    out.append("</tbody></table>")
+    out.append(f"<p>Selected: <strong>{_e(summary.get('selected') or 'none')}</strong>: "
+               f"{_e(summary.get('selection_reason', ''))}</p>")
+    for kind in FILES:
+        if kind in (summary.get("plots") or {}):
+            out += [f"<h2>{_e(TITLES[kind])}</h2>",
+                    f'<figure><img src="{_e(FILES[kind])}" alt="{_e(TITLES[kind])}">'
+                    f"<figcaption>{_e(_caption(kind, summary))}</figcaption></figure>"]
+    for kind, err in (summary.get("plot_errors") or {}).items():
+        out.append(f'<p class="error">The {_e(TITLES.get(kind, kind).lower())} plot could not be drawn: '
+                   f"{_e(err)}</p>")
+    if summary.get("failures"):
+        out.append('<h2>Failures</h2><ul class="failures">')
+        out += [f"<li><code>{_e(f['stage'])}</code> ({_e(f.get('variant') or '-')}): "
+                f'<span class="error">{_e(f["error"])}</span></li>' for f in summary["failures"]]
+        out.append("</ul>")
+    names, matrix = layer_matrix(layers)
+    if names:
+        counts = [_counts(layers[n]) for n in names]
+        out.append("<h2>Layers: int8 or fp32 in each variant</h2>")
+        out.append('<table class="layers"><thead><tr><th>layer</th><th>type</th>' +
+                   "".join(f"<th>{_e(n)}<br>{i} int8, {f} fp32</th>" for n, (i, f) in zip(names, counts, strict=True)) +
+                   "</tr></thead><tbody>")
+        for layer, types, precisions in matrix:
+            cells = "".join('<td class="absent">-</td>' if p is None else
+                            f'<td class="{"int8" if p.startswith("int8") else "fp32"}">{_e(p)}</td>'
+                            for p in precisions)
+            out.append(f"<tr><td><code>{_e(layer)}</code></td><td>{_e(', '.join(types))}</td>{cells}</tr>")
+        out.append("</tbody></table>")
+    if data.get("skipped"):
+        out.append(f"<h2>Skipped files</h2><details open><summary>{len(data['skipped'])} file(s)</summary><ul>")
+        out += [f"<li><code>{_e(s['file'])}</code>: {_e(s['reason'])}</li>" for s in data["skipped"][:200]]
+        out.append("</ul></details>")
+    out.append('<h2>Artifacts</h2><p>Next to this page: <a href="summary.json">summary.json</a> and '
+               '<a href="report.md">report.md</a>.</p><ul>')
+    for v in ([summary["baseline"]] if summary.get("baseline") else []) + summary.get("variants", []):
+        if v.get("artifact"):
+            out.append(f"<li>{_e(v['name'])}: <code>{_e(v['artifact'])}</code> "
+                       f"(manifest <code>{_e(v['manifest'])}</code>)</li>")
+    out += ["</ul>", "</body>", "</html>"]
     return "\n".join(out) + "\n"

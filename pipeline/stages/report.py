@@ -1,14 +1,21 @@
 """report (cpu): join every benchmark, select the fastest variant within the accuracy budget,
-write ``report.md`` and ``summary.json`` under ``runs/{run_id}/``. Runs even when some variants
-failed: the summary lists what succeeded and names each failure."""
+draw the pictures, and write ``summary.json``, ``report.md``, ``report.html`` and the PNGs side
+by side under ``runs/{run_id}/``. Runs even when some variants failed: the summary lists what
+succeeded and names each failure, and the pictures show what was measured."""
 
 from __future__ import annotations
 
-from pipeline.report import entry, markdown, select
+import logging
+import time
+
+from pipeline.plots import FILES, render_all
+from pipeline.report import entry, html_page, markdown, select
 from pipeline.stages import StageContext, manifest_key, register
 
+log = logging.getLogger(__name__)
 
-@register("report", version=1, queue="cpu", cached=False, partial_inputs=True)
+
+@register("report", version=2, queue="cpu", cached=False, partial_inputs=True)
 def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     data = inputs.get("data")
     failures = list(ctx.extra.get("failures", []))
@@ -62,6 +69,16 @@ def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "history": {name: b.get("history", []) for name, b in benches.items() if b.get("history")},
     }
     layers = {name: b.get("layers", []) for name, b in benches.items()}
+    t0 = time.perf_counter()
+    drawn, plot_errors = render_all(summary, ctx.workdir / "plots")
+    log.info("%s: %d plot(s) drawn in %.2fs", ctx.run_id, len(drawn), time.perf_counter() - t0)
+    plot_refs = {kind: ctx.put(FILES[kind], path) for kind, path in drawn.items()}
+    summary["plots"] = {kind: ref["uri"] for kind, ref in plot_refs.items()}
+    if plot_errors:
+        summary["plot_errors"] = plot_errors
+    summary["report_html"] = ctx.store.url(f"{ctx.prefix}/report.html")
     md = ctx.put_json("summary.json", summary)
     report_ref = ctx.store.put_bytes(f"{ctx.prefix}/report.md", markdown(summary, layers).encode()).to_dict()
-    return {"summary": summary, "outputs": {"summary": md, "report": report_ref}}
+    html_ref = ctx.store.put_bytes(f"{ctx.prefix}/report.html", html_page(summary, layers).encode()).to_dict()
+    return {"summary": summary,
+            "outputs": {"summary": md, "report": report_ref, "report_html": html_ref, "plots": plot_refs}}
