@@ -1,0 +1,889 @@
+"""The deployment files, checked without Docker or a cluster.
+
+There is no container engine or Kubernetes here, so these tests check what can be checked
+without one: compose.yaml, the Kubernetes manifests and the Grafana files parse; every file a
+compose service builds from or mounts exists; ports, queue names and environment variable names
+agree with the code's defaults and with each other; scaled services pin no host port or node
+name; the image's entry point is a command that exists. Two tests run the real thing where it
+runs here: the Redis start-up script of compose.yaml and redis.yaml under a real Valkey
+(password, append-only file, a restart that keeps queued work), and every query of the Grafana
+dashboard evaluated by a real Prometheus that scrapes a real ``workers.metrics`` exporter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from workers import metrics
+from workers.app import DEFAULT_BROKER, QUEUES, STAGE_TIME_LIMIT
+from workers.cli import parser as cli_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "compose.yaml"
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+K8S = DEPLOY / "k8s"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "qpipe.json"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus.yml"
+
+SCALED = ("worker-cpu", "worker-gpu", "worker-gpu-cpuonly")
+WORKER_ENV = {"QPIPE_BROKER_URL", "QPIPE_STORE_URI", "QPIPE_S3_ENDPOINT", "QPIPE_S3_ACCESS_KEY",
+              "QPIPE_S3_SECRET_KEY"}
+SECRET = "qpipe-credentials"
+FLOWER_PORT = cli_parser().parse_args(["flower"]).port
+REDIS_PORT = urllib.parse.urlsplit(DEFAULT_BROKER).port
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+@functools.cache
+def _compose_text() -> str:
+    return COMPOSE.read_text()
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(_compose_text())
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's variable substitution ($$, $VAR, ${VAR}, ${VAR:-default}, ${VAR:?error}), as
+    `docker compose config` applies it; a missing required variable raises LookupError."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(4)
+        op, arg = m.group(2), m.group(3)
+        have = env.get(name)
+        if op in (":?", "?") and (have is None or (op == ":?" and have == "")):
+            raise LookupError(f"{name}: {arg}")
+        if op in (":-", "-") and (have is None or (op == ":-" and have == "")):
+            return arg
+        return have or ""
+
+    return _VAR.sub(sub, value)
+
+
+COMPOSE_ENV = {"QPIPE_REDIS_PASSWORD": "0a1b2c3d", "QPIPE_S3_ACCESS_KEY": "qpipe", "QPIPE_S3_SECRET_KEY": "4e5f6a7b",
+               "GRAFANA_ADMIN_PASSWORD": "8c9d"}
+
+
+def resolved_services() -> dict[str, dict[str, Any]]:
+    """The services as `docker compose config` would print them with COMPOSE_ENV set."""
+    return interpolate(compose(), COMPOSE_ENV)["services"]
+
+
+def is_qpipe(svc: dict[str, Any]) -> bool:
+    return str(svc.get("image", "")).split(":")[0] == "qpipe"
+
+
+@functools.cache
+def _k8s_docs() -> tuple[tuple[str, str], ...]:
+    return tuple((p.name, p.read_text()) for p in sorted(K8S.glob("*.yaml")))
+
+
+def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for name, text in _k8s_docs():
+        for doc in yaml.safe_load_all(text):
+            if doc is not None:
+                docs.append((name, doc))
+    return docs
+
+
+def k8s_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for f, d in k8s_docs() if d.get("kind") == kind and f != "kustomization.yaml"}
+
+
+def pod_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def config_map() -> dict[str, str]:
+    return k8s_kind("ConfigMap")["qpipe-config"]["data"]
+
+
+def code_env_names() -> set[str]:
+    """Every QPIPE_* environment variable name the code mentions."""
+    names = set()
+    for path in list((ROOT / "pipeline").rglob("*.py")) + list((ROOT / "workers").rglob("*.py")):
+        names |= set(re.findall(r"\bQPIPE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
+    return names
+
+
+def duration_seconds(text: str) -> float:
+    """Compose durations: 30s, 1h, 1h30m, 90s, 500ms."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(text))
+    if not parts or "".join(n + u for n, u in parts) != str(text):
+        raise ValueError(f"not a compose duration: {text!r}")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def flower_metric_names() -> set[str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("flower.events")
+    assert spec is not None and spec.origin, "flower is a test dependency: pip install -e '.[test]'"
+    return set(re.findall(r"['\"](flower_[a-z_]+)['\"]", Path(spec.origin).read_text()))
+
+
+_PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+                    "bool", "offset", "inf", "nan"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names an expression selects (not functions, keywords, labels or durations)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    names = set()
+    for m in re.finditer(r"(?<![\w$.])[A-Za-z_:][A-Za-z0-9_:]*", s):
+        if s[m.end():].lstrip().startswith("(") or m.group(0).lower() in _PROMQL_KEYWORDS:
+            continue
+        names.add(m.group(0))
+    return names
+
+
+def family(name: str) -> str:
+    for suffix in ("_bucket", "_count", "_sum"):
+        if name.endswith(suffix) and name[: -len(suffix)] in metrics.METRIC_NAMES:
+            return name[: -len(suffix)]
+    return name
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    return [p for p in dashboard()["panels"] if p.get("type") != "row"]
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in dashboard_panels() for t in p.get("targets", [])]
+
+
+def grafana_to_promql(expr: str) -> str:
+    """A dashboard query with Grafana's variables replaced by what Grafana would send."""
+    return (expr.replace("$__rate_interval", "1m").replace("$__range", "1h")
+            .replace("$stage", ".*").replace("$pipeline", ".*"))
+
+
+# ----------------------------------------------------------------------------------- compose
+
+def test_compose_parses_and_has_every_service():
+    svcs = services()
+    for name in ("redis", "minio", "createbucket", "worker-cpu", "worker-gpu", "flower", "prometheus", "grafana"):
+        assert name in svcs, f"compose.yaml has no service {name!r}"
+    declared = set(compose().get("volumes") or {})
+    for name, svc in svcs.items():
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in declared, f"{name} mounts volume {source!r}, not declared under volumes:"
+
+
+def test_every_file_compose_builds_from_or_mounts_exists():
+    checked = 0
+    for name, svc in services().items():
+        build = svc.get("build")
+        if build:
+            context = ROOT / build["context"]
+            assert context.is_dir(), f"{name}: build context {context} missing"
+            dockerfile = context / build.get("dockerfile", "Dockerfile")
+            assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
+            for arg in (build.get("args") or {}):
+                assert re.search(rf"^ARG {arg}\b", dockerfile.read_text(), re.M), \
+                    f"{name} passes build arg {arg}, which {dockerfile.name} does not declare"
+            checked += 1
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which does not exist"
+                checked += 1
+    assert checked >= 5
+
+
+def test_scaled_services_pin_no_host_port_and_no_node_name():
+    svcs = services()
+    for name in SCALED:
+        svc = svcs[name]
+        assert "ports" not in svc, f"{name} is scaled: a fixed host port would collide between replicas"
+        assert "hostname" not in svc and "container_name" not in svc, \
+            f"{name} is scaled: replicas need their own host names (Celery node names are qpipe-QUEUES-PID@HOST)"
+        assert "--hostname" not in svc["command"], f"{name}: a fixed --hostname makes every replica the same node"
+    # every worker service that compose defines is in the scaled set this test checks
+    assert {n for n in svcs if n.startswith("worker")} == set(SCALED)
+    # single-instance services publish on loopback only
+    for name, svc in svcs.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_worker_and_flower_commands_are_valid_qpipe_commands():
+    svcs = services()
+    for name in SCALED:
+        svc = svcs[name]
+        assert is_qpipe(svc), f"{name} should run the qpipe image"
+        args = cli_parser().parse_args(svc["command"])
+        assert args.command == "worker"
+        assert args.metrics_port == metrics.DEFAULT_PORT and args.metrics_addr == "0.0.0.0", \
+            f"{name} must serve /metrics on {metrics.DEFAULT_PORT} to the compose network"
+        assert str(metrics.DEFAULT_PORT) in [str(p) for p in svc.get("expose", [])]
+        assert str(metrics.DEFAULT_PORT) in " ".join(svc["healthcheck"]["test"])
+    assert cli_parser().parse_args(svcs["worker-cpu"]["command"]).queues == "cpu"
+    assert cli_parser().parse_args(svcs["worker-gpu"]["command"]).queues == "gpu"
+    assert cli_parser().parse_args(svcs["worker-gpu-cpuonly"]["command"]).queues == "gpu"
+    served = {cli_parser().parse_args(svcs[n]["command"]).queues for n in SCALED}
+    assert set(QUEUES) <= served, f"no compose worker consumes queue(s) {set(QUEUES) - served}"
+
+    flower = svcs["flower"]
+    args = cli_parser().parse_args(flower["command"])
+    assert args.command == "flower" and args.port == FLOWER_PORT == 5555 and args.address == "0.0.0.0"
+    assert f"127.0.0.1:{FLOWER_PORT}:{FLOWER_PORT}" in flower["ports"]
+    assert f":{FLOWER_PORT}/healthcheck" in " ".join(flower["healthcheck"]["test"])
+
+
+def test_gpu_worker_reserves_an_nvidia_gpu_and_uses_the_cuda_image():
+    svcs = services()
+    devices = svcs["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert svcs["worker-gpu"]["image"] == "qpipe:cuda"
+    assert svcs["worker-gpu"]["build"]["args"]["TORCH_INDEX"] != _dockerfile_arg_default("TORCH_INDEX")
+    assert svcs["worker-cpu"]["image"] == "qpipe:cpu" and "deploy" not in svcs["worker-cpu"]
+    assert svcs["worker-gpu-cpuonly"]["profiles"] == ["cpu-only"] and "deploy" not in svcs["worker-gpu-cpuonly"]
+
+
+def test_compose_environment_matches_the_code():
+    svcs = services()
+    known = code_env_names()
+    for name, svc in svcs.items():
+        if not is_qpipe(svc):
+            continue
+        env = svc.get("environment") or {}
+        unknown = {k for k in env if k.startswith("QPIPE_")} - known
+        assert not unknown, f"{name} sets {unknown}, which no code reads"
+        if name in SCALED:
+            assert WORKER_ENV <= set(env), f"{name} lacks {WORKER_ENV - set(env)}"
+
+    raw = svcs["worker-cpu"]["environment"]
+    resolved = resolved_services()
+    env = resolved["worker-cpu"]["environment"]
+    broker = urllib.parse.urlsplit(env["QPIPE_BROKER_URL"])
+    assert broker.scheme == "redis" and broker.hostname == "redis" and broker.port == REDIS_PORT
+    assert broker.password == COMPOSE_ENV["QPIPE_REDIS_PASSWORD"]
+    assert resolved["flower"]["environment"]["QPIPE_BROKER_URL"] == env["QPIPE_BROKER_URL"]
+    assert resolved["redis"]["environment"]["REDISCLI_AUTH"] == broker.password
+    # the store is the MinIO service, on the port it listens on, in the bucket createbucket makes
+    host, port = env["QPIPE_S3_ENDPOINT"].split(":")
+    minio_cmd = svcs["minio"]["command"]
+    assert host == "minio" and minio_cmd[minio_cmd.index("--address") + 1] == f":{port}"
+    bucket = urllib.parse.urlsplit(env["QPIPE_STORE_URI"]).netloc
+    assert resolved["createbucket"]["entrypoint"][-1] == f"local/{bucket}"
+    mc = urllib.parse.urlsplit(resolved["createbucket"]["environment"]["MC_HOST_local"])
+    assert (mc.hostname, mc.port, mc.username, mc.password) == (
+        "minio", int(port), env["QPIPE_S3_ACCESS_KEY"], env["QPIPE_S3_SECRET_KEY"])
+    minio_env = resolved["minio"]["environment"]
+    assert (minio_env["MINIO_ROOT_USER"], minio_env["MINIO_ROOT_PASSWORD"]) == (mc.username, mc.password)
+    # credentials come from the environment: each is a ${VAR} reference, never a literal
+    for key in ("QPIPE_S3_ACCESS_KEY", "QPIPE_S3_SECRET_KEY"):
+        assert re.fullmatch(r"\$\{[A-Z0-9_]+(:\?[^}]*)?\}", raw[key]), f"{key} must come from the environment"
+
+
+def test_compose_refuses_to_start_without_its_credentials():
+    for name in COMPOSE_ENV:
+        env = {k: v for k, v in COMPOSE_ENV.items() if k != name}
+        with pytest.raises(LookupError, match=name):
+            interpolate(compose(), env)
+        with pytest.raises(LookupError, match=name):
+            interpolate(compose(), {**env, name: ""})
+
+
+def test_compose_env_example_lists_every_variable_compose_requires():
+    text = COMPOSE.read_text()
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
+    example = DEPLOY / "compose.env.example"
+    listed = set(re.findall(r"^#?\s*([A-Z0-9_]+)=", example.read_text(), re.M))
+    assert required and required <= listed, f"{example.name} misses {required - listed}"
+    passed_through = {k for s in services().values() for k, v in (s.get("environment") or {}).items() if v is None}
+    assert passed_through <= listed
+
+
+def test_stop_grace_periods_let_a_stage_finish():
+    svcs = services()
+    cpu = duration_seconds(svcs["worker-cpu"]["stop_grace_period"])
+    gpu = duration_seconds(svcs["worker-gpu"]["stop_grace_period"])
+    assert cpu >= 30 * 60, "a cpu stage (calibrate, benchmark) should get at least 30 minutes to finish"
+    assert gpu >= cpu and gpu >= 3600, "training stages are the long ones: give worker-gpu at least as long"
+    assert duration_seconds(svcs["worker-gpu-cpuonly"]["stop_grace_period"]) == gpu
+    assert duration_seconds(svcs["flower"]["stop_grace_period"]) <= 60
+
+
+def test_prometheus_scrapes_every_worker_service_and_flower_as_compose_runs_them():
+    svcs = services()
+    mounts = dict(v.split(":")[:2] for v in svcs["prometheus"]["volumes"] if v.startswith("./"))
+    assert mounts["./deploy/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert mounts["./deploy/alerts.yml"] == "/etc/prometheus/alerts.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in svcs["prometheus"]["command"]
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    for rule_file in config.get("rule_files", []):
+        target = os.path.normpath(os.path.join("/etc/prometheus", rule_file))
+        assert target in mounts.values(), f"prometheus.yml loads {rule_file}, which compose does not mount"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    workers = jobs["qpipe-worker"]
+    names = {n for sd in workers.get("dns_sd_configs", []) for n in sd["names"]}
+    assert set(SCALED) <= names, f"worker services {set(SCALED) - names} are not scraped"
+    assert names <= set(svcs)
+    assert {sd["port"] for sd in workers["dns_sd_configs"]} == {metrics.DEFAULT_PORT}
+    targets = {t for sc in jobs["flower"]["static_configs"] for t in sc["targets"]}
+    assert targets == {f"flower:{FLOWER_PORT}"}
+
+
+def test_grafana_provisioning_points_at_compose_paths():
+    svcs = services()
+    grafana = svcs["grafana"]
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"] if v.startswith("./"))
+    datasources = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())
+    (ds,) = datasources["datasources"]
+    url = urllib.parse.urlsplit(ds["url"])
+    assert ds["type"] == "prometheus" and url.hostname == "prometheus" and url.port == 9090
+    assert not any("web.listen-address" in c for c in svcs["prometheus"]["command"])  # so 9090 holds
+    assert ds["jsonData"]["timeInterval"] == yaml.safe_load(PROMETHEUS_CONFIG.read_text())["global"]["scrape_interval"]
+    providers = yaml.safe_load((GRAFANA / "provisioning/dashboards/qpipe.yml").read_text())["providers"]
+    (provider,) = providers
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${")
+
+
+# ----------------------------------------------------------------------------------- Redis, for real
+
+def _redis_scripts() -> dict[str, str]:
+    entry = services()["redis"]["entrypoint"]
+    (container,) = pod_containers(k8s_kind("StatefulSet")["redis"])
+    assert entry[:2] == ["sh", "-c"] and container["command"][:2] == ["sh", "-c"]
+    return {"compose": entry[2].replace("$$", "$"), "k8s": container["command"][2]}
+
+
+def _start_redis_script(script: str, tmp: Path, port: int, password: str) -> subprocess.Popen:
+    from workers.servers import valkey_binary
+
+    local = (script.replace("redis-server", shlex.quote(valkey_binary()))
+             .replace("/tmp/redis-auth.conf", str(tmp / "redis-auth.conf"))
+             .replace("--dir /data", f"--dir {tmp}"))
+    assert local != script
+    local = local.rstrip() + f" --port {port} --bind 127.0.0.1 --save ''\n"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "REDISCLI_AUTH": password}
+    return subprocess.Popen(["sh", "-c", local], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.integration
+def test_redis_start_script_requires_the_password_and_keeps_queued_work_across_a_restart(tmp_path):
+    """compose.yaml's and redis.yaml's Redis command, run under a real Valkey."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from tests.conftest import wait_for
+    from workers.servers import free_port
+
+    scripts = _redis_scripts()
+    assert scripts["compose"] == scripts["k8s"], "compose.yaml and k8s/redis.yaml should start Redis the same way"
+    password = "5f0c2a9e" * 4
+    port = free_port()
+    authed = redis.Redis(port=port, password=password, socket_timeout=2)
+
+    def up() -> bool:
+        try:
+            return authed.ping()
+        except redis.RedisError:
+            return False
+
+    proc = _start_redis_script(scripts["compose"], tmp_path, port, password)
+    try:
+        wait_for(up, timeout=20, every=0.1)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=2, retry=Retry(NoBackoff(), 0)).lpush("cpu", "x")
+        assert authed.config_get("appendonly") == {"appendonly": "yes"}
+        assert authed.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        conf = tmp_path / "redis-auth.conf"
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+        server_pid = int(authed.info("server")["process_id"])
+        assert password.encode() not in Path(f"/proc/{server_pid}/cmdline").read_bytes()
+        authed.lpush("cpu", "queued-1", "queued-2")
+        time.sleep(1.2)  # appendfsync everysec
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    proc = _start_redis_script(scripts["compose"], tmp_path, port, password)
+    try:
+        wait_for(up, timeout=20, every=0.1)
+        assert authed.llen("cpu") == 2, "queued messages were lost across a restart"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+# ----------------------------------------------------------------------------------- Dockerfile
+
+def _dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's instructions (continuation lines joined), split by FROM."""
+    lines, current = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        if raw.lstrip().startswith("#") and not current:
+            continue
+        current += raw.rstrip("\\").strip() + " " if raw.rstrip().endswith("\\") else raw.strip()
+        if not raw.rstrip().endswith("\\"):
+            if current:
+                lines.append(current)
+            current = ""
+    stages: list[list[str]] = []
+    for line in lines:
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+def _dockerfile_arg_default(name: str) -> str:
+    m = re.search(rf"^ARG {name}=(\S+)", DOCKERFILE.read_text(), re.M)
+    assert m, f"deploy/Dockerfile declares no ARG {name} with a default"
+    return m.group(1)
+
+
+def _json_instruction(stage: list[str], keyword: str) -> list[str]:
+    found = [ln for ln in stage if ln.upper().startswith(keyword + " ")]
+    assert found, f"the final stage has no {keyword}"
+    value = json.loads(found[-1][len(keyword):].strip())  # exec form only: signals reach the process
+    assert isinstance(value, list)
+    return value
+
+
+def test_dockerfile_entrypoint_and_cmd_are_commands_that_exist():
+    final = _dockerfile_stages()[-1]
+    entrypoint = _json_instruction(final, "ENTRYPOINT")
+    cmd = _json_instruction(final, "CMD")
+    assert entrypoint == ["tini", "--", "qpipe"]
+    installs = " ".join(ln for ln in final if "apt-get install" in ln)
+    assert re.search(r"\btini\b", installs), "tini is the entry point but the final stage does not install it"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["qpipe"] == "workers.cli:main"
+    args = cli_parser().parse_args(cmd)
+    assert args.command == "worker" and args.queues == "cpu" and args.metrics_port == metrics.DEFAULT_PORT
+    exposed = {p for ln in final if ln.upper().startswith("EXPOSE ") for p in ln.split()[1:]}
+    assert {str(metrics.DEFAULT_PORT), str(FLOWER_PORT)} <= exposed
+    assert any(ln.upper().startswith("USER ") and ln.split()[1] not in ("root", "0") for ln in final)
+
+
+def test_dockerfile_installs_what_pyproject_pins_from_files_the_context_sends():
+    text = DOCKERFILE.read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dep in project["dependencies"]:
+        if re.match(r"(torch|torchvision)\b", dep):
+            assert f'"{dep}"' in text, f"deploy/Dockerfile should install {dep} exactly as pyproject.toml pins it"
+    extras = re.findall(r'pip install "/src\[([a-z,]+)\]"', text)
+    assert extras and set(extras[0].split(",")) <= set(project["optional-dependencies"])
+    ignore = [ln.strip() for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()]
+    assert "**" in ignore, "the build context should leave out everything not listed (.venv, stores)"
+    included = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    sources = []
+    for stage in _dockerfile_stages():
+        for ln in stage:
+            if ln.upper().startswith("COPY ") and "--from=" not in ln:
+                sources += ln.split()[1:-1]
+    assert sources
+    for src in sources:
+        assert (ROOT / src).exists(), f"COPY {src}: no such file in the build context"
+        assert src.rstrip("/") in included, f"COPY {src}: Dockerfile.dockerignore keeps it out of the context"
+
+
+# ----------------------------------------------------------------------------------- Kubernetes
+
+def test_k8s_manifests_parse_and_are_namespace_free():
+    docs = k8s_docs()
+    assert len(docs) >= 10
+    for fname, doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind"), f"{fname}: a document without apiVersion/kind"
+        if doc["kind"] == "Kustomization":
+            continue
+        assert doc["metadata"].get("name"), f"{fname}: {doc['kind']} without metadata.name"
+        assert "namespace" not in doc["metadata"], f"{fname}: {doc['metadata']['name']} pins a namespace"
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "namespace" not in kustomization
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files, "kustomization.yaml should list every manifest"
+
+
+def test_k8s_workloads_are_well_formed():
+    workloads = {**k8s_kind("Deployment"), **k8s_kind("StatefulSet")}
+    assert {"qpipe-worker-cpu", "qpipe-worker-gpu", "flower", "redis", "minio"} <= set(workloads)
+    for name, doc in workloads.items():
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items(), f"{name}: selector misses its pods"
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, f"{name} should not run as root"
+        for c in pod["containers"]:
+            assert c.get("image"), f"{name}/{c['name']} has no image"
+            port_names = {p["name"] for p in c.get("ports", [])}
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                for action in ("httpGet", "tcpSocket"):
+                    port = (c.get(probe) or {}).get(action, {}).get("port")
+                    if isinstance(port, str):
+                        assert port in port_names, f"{name}: {probe} uses undeclared port {port!r}"
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert "memory" in c["resources"]["limits"], f"{name}/{c['name']} has no memory limit"
+        for vol in doc["spec"].get("volumeClaimTemplates", []):
+            assert any(vol["metadata"]["name"] == m["name"] for c in pod["containers"] for m in c["volumeMounts"])
+    for name, svc in k8s_kind("Service").items():
+        selected = [w for w in workloads.values()
+                    if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(selected) == 1, f"Service {name} selects {len(selected)} workloads"
+        ports = {p["name"]: p["containerPort"] for c in pod_containers(selected[0]) for p in c.get("ports", [])}
+        for p in svc["spec"]["ports"]:
+            assert ports.get(p["targetPort"]) == p["port"], f"Service {name}: port {p} does not match its pods"
+    assert k8s_kind("Service")["redis"]["spec"]["ports"][0]["port"] == REDIS_PORT
+    assert config_map()["REDIS_ADDRESS"].startswith("redis.") and config_map()["REDIS_ADDRESS"].endswith(
+        f".svc.cluster.local:{REDIS_PORT}"), "KEDA's operator needs Redis's fully qualified name"
+
+
+def _container_env(container: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """(env by name, names available from envFrom ConfigMaps) of a container."""
+    cms = k8s_kind("ConfigMap")
+    from_cm: set[str] = set()
+    for src in container.get("envFrom", []):
+        name = src["configMapRef"]["name"]
+        assert name in cms, f"envFrom names ConfigMap {name!r}, which no manifest defines"
+        from_cm |= set(cms[name]["data"])
+    return {e["name"]: e for e in container.get("env", [])}, from_cm
+
+
+def test_k8s_environment_matches_the_code_and_credentials_come_from_the_secret():
+    known = code_env_names()
+    readme = (K8S / "README.md").read_text()
+    created = set(re.findall(r"--from-literal=([A-Z0-9_]+)=", readme))
+    secret_refs: set[tuple[str, bool]] = set()
+    for name, doc in {**k8s_kind("Deployment"), **k8s_kind("StatefulSet"), **k8s_kind("Job")}.items():
+        for c in pod_containers(doc):
+            env, from_cm = _container_env(c)
+            names = [e["name"] for e in c.get("env", [])]
+            unknown = {n for n in list(env) + list(from_cm) if n.startswith("QPIPE_")} - known
+            assert not unknown, f"{name} sets {unknown}, which no code reads"
+            for i, e in enumerate(c.get("env", [])):
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] == SECRET
+                    secret_refs.add((ref["key"], bool(ref.get("optional"))))
+                for var in re.findall(r"\$\(([A-Za-z0-9_]+)\)", e.get("value", "")):
+                    # Kubernetes expands $(VAR) only from envFrom and variables defined earlier
+                    assert var in from_cm or var in names[:i], f"{name}: {e['name']} uses $({var}) before it is set"
+                if "SECRET" in e["name"] or "PASSWORD" in e["name"] or e["name"].endswith("ACCESS_KEY"):
+                    assert "value" not in e or "$(" in e["value"], f"{name}: {e['name']} is a literal credential"
+    required = {key for key, optional in secret_refs if not optional}
+    assert required <= created, f"README.md's `kubectl create secret` misses {required - created}"
+    assert not set(config_map()) & (created | {"REDIS_PASSWORD"}), "a credential in the ConfigMap"
+
+
+def _worker_deployments() -> dict[str, dict[str, Any]]:
+    return {n: d for n, d in k8s_kind("Deployment").items() if n.startswith("qpipe-worker-")}
+
+
+def test_k8s_workers_run_valid_commands_and_expose_metrics():
+    deployments = _worker_deployments()
+    served = set()
+    for name, doc in deployments.items():
+        (c,) = pod_containers(doc)
+        args = cli_parser().parse_args(c["args"])
+        assert args.command == "worker" and args.hostname is None, f"{name}: pods need their own node names"
+        assert args.metrics_port == metrics.DEFAULT_PORT and args.metrics_addr == "0.0.0.0"
+        assert {"name": "metrics", "containerPort": metrics.DEFAULT_PORT} in c["ports"]
+        annotations = doc["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(metrics.DEFAULT_PORT)
+        env, from_cm = _container_env(c)
+        assert WORKER_ENV <= set(env) | from_cm, f"{name} lacks {WORKER_ENV - set(env) - from_cm}"
+        assert name == f"qpipe-worker-{args.queues}"
+        served.add(args.queues)
+        gpus = c["resources"]["limits"].get("nvidia.com/gpu")
+        assert (gpus == 1) == (args.queues == "gpu"), f"{name}: one GPU for gpu workers, none for cpu workers"
+        assert c["image"] == ("qpipe:cuda" if args.queues == "gpu" else "qpipe:cpu")
+    assert served == set(QUEUES)
+    (flower,) = pod_containers(k8s_kind("Deployment")["flower"])
+    args = cli_parser().parse_args(flower["args"])
+    assert args.command == "flower" and args.port == FLOWER_PORT and args.address == "0.0.0.0"
+    assert k8s_kind("Service")["flower"]["spec"]["ports"][0]["port"] == FLOWER_PORT
+    images = {i["name"] for i in yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]}
+    for doc in [*deployments.values(), k8s_kind("Deployment")["flower"]]:
+        assert pod_containers(doc)[0]["image"].split(":")[0] in images
+
+
+def test_k8s_grace_period_covers_the_stage_time_limit():
+    limit = int(config_map()["QPIPE_STAGE_TIME_LIMIT"])
+    assert limit == STAGE_TIME_LIMIT, "config.yaml should state the workers' stage time limit as the code has it"
+    for name, doc in _worker_deployments().items():
+        grace = doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace >= limit + 60, f"{name}: a scale-down would cut off a stage that may run {limit} s"
+        assert doc["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_keda_scales_each_worker_deployment_on_its_queue_list():
+    deployments = _worker_deployments()
+    scaled = k8s_kind("ScaledObject")
+    auths = k8s_kind("TriggerAuthentication")
+    assert len(scaled) == len(QUEUES)
+    seen_queues = set()
+    for name, so in scaled.items():
+        target = so["spec"]["scaleTargetRef"]["name"]
+        assert target in deployments, f"ScaledObject {name} targets {target!r}, which is no worker Deployment"
+        (c,) = pod_containers(deployments[target])
+        queue = cli_parser().parse_args(c["args"]).queues
+        (trigger,) = so["spec"]["triggers"]
+        assert trigger["type"] == "redis"
+        meta = trigger["metadata"]
+        assert meta["listName"] == queue, f"{name} watches list {meta['listName']!r}, its workers consume {queue!r}"
+        seen_queues.add(queue)
+        assert int(meta["listLength"]) >= 1
+        env, from_cm = _container_env(c)
+        assert meta["addressFromEnv"] in set(env) | from_cm
+        db = urllib.parse.urlsplit(env["QPIPE_BROKER_URL"]["value"].replace("$(", "").replace(")", "")).path
+        assert db == "/" + meta.get("databaseIndex", "0")
+        auth = auths[trigger["authenticationRef"]["name"]]
+        (ref,) = auth["spec"]["secretTargetRef"]
+        assert ref["parameter"] == "password" and ref["name"] == SECRET
+        assert ref["key"] == env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"]
+        assert 0 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+    assert seen_queues == set(QUEUES)
+    assert scaled["qpipe-worker-gpu"]["spec"]["minReplicaCount"] == 0
+
+
+# ----------------------------------------------------------------------------------- dashboard
+
+def test_promql_metric_name_extraction():
+    expr = ('histogram_quantile(0.9, sum by (le, stage) (rate(a_bucket{x="y", z=~"$stage"}[5m]))) '
+            '/ on(stage) group_left b + max without (q) (c{q="up"}) > bool 1 and up')
+    assert promql_metric_names(expr) == {"a_bucket", "b", "c", "up"}
+
+
+def test_dashboard_parses_and_its_layout_is_sound():
+    d = dashboard()
+    assert d["uid"] and d["title"]
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    cells: dict[tuple[int, int], str] = {}
+    for p in d["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, f"panel {p['title']!r} is wider than the grid"
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"panels {cells[(x, y)]!r} and {p['title']!r} overlap"
+                cells[(x, y)] = p["title"]
+    variables = {v["name"] for v in d["templating"]["list"]}
+    for p in dashboard_panels():
+        assert p["targets"], f"panel {p['title']!r} has no query"
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), f"panel {p['title']!r} repeats a refId"
+        for t in p["targets"]:
+            assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            used = set(re.findall(r"\$(\w+)", t["expr"])) - {"__rate_interval", "__range", "__interval"}
+            assert used <= variables, f"panel {p['title']!r} uses undefined variable(s) {used - variables}"
+
+
+def test_dashboard_queries_name_only_metrics_the_workers_export():
+    allowed_other = {"up"} | flower_metric_names()
+    used: set[str] = set()
+    for title, expr in dashboard_exprs():
+        names = promql_metric_names(expr)
+        assert names, f"panel {title!r}: no metric in {expr!r}"
+        for name in names:
+            fam = family(name)
+            assert fam in metrics.METRIC_NAMES or fam in allowed_other, \
+                f"panel {title!r} queries {name!r}, which workers.metrics.METRIC_NAMES does not list"
+            used.add(fam)
+    for v in dashboard()["templating"]["list"]:
+        if v["type"] == "query":
+            (name,) = re.findall(r"label_values\((\w+),", v["query"]["query"])
+            assert family(name) in metrics.METRIC_NAMES
+    missing = set(metrics.METRIC_NAMES) - used
+    assert not missing, f"metrics the workers export but no dashboard panel shows: {sorted(missing)}"
+
+
+def test_dashboard_has_the_panels_people_look_for():
+    titles = " | ".join(p["title"].lower() for p in dashboard_panels())
+    for words in ("queue depth", "duration", "failures", "retries", "cache", "images per second", "top-1",
+                  "drop", "latency", "size"):
+        assert words in titles, f"no dashboard panel about {words!r}"
+
+
+# ----------------------------------------------------------------------------------- dashboard, for real
+
+_RECORDER = r"""
+import os, sys, time
+from workers import metrics
+
+node, url = sys.argv[1], sys.argv[2]
+metrics.enable_multiprocess(node)
+exporter = metrics.serve(0, "127.0.0.1", broker_url=url, node=node, queues=["cpu"], pool="prefork")
+print(exporter.port, flush=True)
+metrics.set_quality({"name": "digits-demo", "baseline": {"name": "fp32", "accuracy_top1": 0.96, "size_bytes": 44720000,
+                     "latency_ms_p50": {"1": 5.5, "32": 66.8}},
+                     "variants": [{"name": "ptq-minmax", "accuracy_top1": 0.95, "accuracy_drop": 0.01,
+                                   "size_bytes": 11300000, "latency_ms_p50": {"1": 2.3, "32": 10.6}}]})
+running = metrics.StageAttempt("finetune")
+on_images = metrics.images_hook("finetune")
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    metrics.StageAttempt("calibrate").end("done")
+    metrics.StageAttempt("calibrate").end("cached")
+    metrics.StageAttempt("benchmark").end("failed", RuntimeError("boom"))
+    metrics.StageAttempt("benchmark").end("retry", ConnectionError("store away"))
+    on_images("train", 64, 640.0)
+    metrics.count_transfer("upload", 4096)
+    metrics.count_transfer("download", 8192)
+    time.sleep(0.25)
+"""
+
+
+class _Prometheus:
+    """A real Prometheus server on loopback, scraping one target as job ``qpipe-worker``."""
+
+    def __init__(self, tmp: Path, target: str) -> None:
+        from workers.servers import free_port
+
+        self.port = free_port()
+        config = tmp / "prometheus.yml"
+        config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "qpipe-worker", "static_configs": [{"targets": [target]}]}],
+        }))
+        self.log = open(tmp / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [shutil.which("prometheus") or "prometheus", f"--config.file={config}",
+             f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = json.load(resp)
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"Prometheus refused {expr!r}: {err.read().decode(errors='replace')}") from None
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def label_values(self, label: str, metric: str) -> list[str]:
+        url = (f"http://127.0.0.1:{self.port}/api/v1/label/{label}/values?"
+               + urllib.parse.urlencode({"match[]": metric}))
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.load(resp)["data"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus (apt-get install prometheus)")
+def test_every_dashboard_query_returns_data_from_a_real_worker_exporter(tmp_path):
+    """Prometheus scrapes workers.metrics' exporter (fed by a broker with queued and reserved
+    messages and by recorded stage attempts); each dashboard query must evaluate, and return
+    data unless it is about Flower or GPUs, which are not here."""
+    import redis
+
+    from tests.conftest import wait_for
+    from workers.servers import RedisServer
+
+    with RedisServer(data_dir=tmp_path / "broker") as broker:
+        client = redis.Redis.from_url(broker.url)
+        client.lpush("cpu", "waiting-1", "waiting-2")
+        client.hset("unacked", "tag-1", json.dumps([{"body": ""}, "", "gpu"]))
+        env = {**os.environ, "QPIPE_METRICS_DIR": str(tmp_path / "metrics"), "PYTHONPATH": str(ROOT)}
+        recorder = subprocess.Popen([sys.executable, "-c", _RECORDER, "qpipe-cpu-1@test", broker.url, "60"],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        prometheus = None
+        try:
+            line = recorder.stdout.readline().strip()
+            assert line.isdigit(), f"the exporter did not start: {recorder.stderr.read() if not line else line}"
+            prometheus = _Prometheus(tmp_path, f"127.0.0.1:{line}")
+            # a few scrapes after the first, so rates and increases have two points to work with
+            wait_for(lambda: prometheus.proc.poll() is None and _safe_query(
+                prometheus, "increase(qpipe_stage_duration_seconds_count[1m]) > 0"), timeout=45, every=0.5)
+            wait_for(lambda: _safe_query(prometheus, "count_over_time(up[1m]) >= 4"), timeout=30, every=0.5)
+
+            may_be_empty = {"qpipe_gpu_memory_bytes"} | flower_metric_names()
+            for title, expr in dashboard_exprs():
+                result = prometheus.query(grafana_to_promql(expr))
+                if not {family(n) for n in promql_metric_names(expr)} & may_be_empty:
+                    assert result, f"panel {title!r}: {expr!r} returned nothing"
+            for v in dashboard()["templating"]["list"]:
+                if v["type"] == "query":
+                    label_name, metric = re.findall(r"label_values\((\w+), (\w+)\)", v["query"]["query"])[0][::-1]
+                    assert prometheus.label_values(label_name, metric), f"variable ${v['name']} has no values"
+
+            # and the numbers are the ones put in
+            by_key = {(r["metric"]["queue"], r["metric"]["state"]): float(r["value"][1]) for r in prometheus.query(
+                "max by (queue, state) (qpipe_queue_messages)")}
+            assert by_key[("cpu", "waiting")] == 2 and by_key[("gpu", "reserved")] == 1
+            assert by_key[("gpu", "waiting")] == 0 and by_key[("cpu", "reserved")] == 0
+            top1 = {r["metric"]["variant"]: float(r["value"][1]) for r in prometheus.query(
+                'max by (pipeline, variant) (qpipe_model_accuracy_top1{pipeline=~".*"})')}
+            assert top1 == {"fp32": 0.96, "ptq-minmax": 0.95}
+            latency = {(r["metric"]["variant"], r["metric"]["batch_size"]): float(r["value"][1]) for r in
+                       prometheus.query("max by (pipeline, variant, batch_size) (qpipe_model_latency_seconds)")}
+            assert latency[("ptq-minmax", "32")] == pytest.approx(0.0106)
+            (workers,) = prometheus.query("count by (queues) (qpipe_worker_info)")
+            assert workers["metric"]["queues"] == "cpu" and workers["value"][1] == "1"
+            running = {r["metric"]["stage"]: r["value"][1] for r in prometheus.query(
+                'sum by (stage) (qpipe_stages_in_progress{stage=~".*"})')}
+            assert running["finetune"] == "1" and running["calibrate"] == "0"
+        finally:
+            if prometheus is not None:
+                prometheus.stop()
+            recorder.terminate()
+            recorder.wait(timeout=20)
+
+
+def _safe_query(prometheus: _Prometheus, expr: str) -> bool:
+    try:
+        return bool(prometheus.query(expr))
+    except (OSError, AssertionError):
+        return False
