@@ -101,7 +101,7 @@ def accuracy_latency(summary: dict[str, Any]) -> Any | None:
                    label="fp32 baseline" if is_base else None)
         # alternate label offsets so variants with equal results stay readable
         ax.annotate(str(r["name"]), (x, y), xytext=(7, 6 + 11 * (n % 3)), textcoords="offset points",
-                    fontsize=8, color="#111827")
+                    fontsize=8, color="#111827", arrowprops={"arrowstyle": "-", "color": "#9ca3af", "lw": 0.6})
         if r["name"] == selected and not is_base:
             ax.scatter([x], [y], s=260, facecolors="none", edgecolors=SELECTED_COLOUR, linewidths=2, zorder=4,
                        label=f"selected: {r['name']}")
