@@ -95,6 +95,10 @@ def test_artifacts_are_in_the_bucket(first_run, s3_server):
     names = {o.object_name for o in client.list_objects("qpipe", prefix="test/", recursive=True)}
     run = first_run["handle"].run_id
     assert f"test/runs/{run}/summary.json" in names and f"test/runs/{run}/report.md" in names
+    assert _key(s["report_html"]) == f"test/runs/{run}/report.html" and _key(s["report_html"]) in names
+    assert set(s["plots"]) == {"accuracy_latency", "size", "training"}, s["plots"]
+    for uri in s["plots"].values():
+        assert _key(uri) in names and _key(uri).startswith(f"test/runs/{run}/") and uri.endswith(".png")
     for entry in [s["baseline"], *s["variants"]]:
         assert _key(entry["artifact"]) in names and _key(entry["manifest"]) in names
         manifest = json.loads(client.get_object("qpipe", _key(entry["manifest"])).read())
