@@ -68,6 +68,13 @@ class Store(ABC):
     """Artifact store interface. Keys are relative, '/'-separated and checked by ``check_key``."""
 
     uri: str
+    # on_transfer(direction, nbytes): told of every completed upload/download ("upload" or
+    # "download"), e.g. to count artifact bytes in metrics; None by default
+    on_transfer: Callable[[str, int], None] | None = None
+
+    def _transferred(self, direction: str, nbytes: int) -> None:
+        if self.on_transfer is not None:
+            self.on_transfer(direction, nbytes)
 
     def url(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{check_key(key)}"
@@ -171,10 +178,13 @@ class FileStore(Store):
                 shutil.copyfileobj(src, f, CHUNK)
 
         dest = self._atomic_write(key, write)
-        return ArtifactRef(self.url(key), sha256_file(dest), dest.stat().st_size)
+        size = dest.stat().st_size
+        self._transferred("upload", size)
+        return ArtifactRef(self.url(key), sha256_file(dest), size)
 
     def put_bytes(self, key: str, data: bytes) -> ArtifactRef:
         self._atomic_write(key, lambda f: f.write(data))
+        self._transferred("upload", len(data))
         return ArtifactRef(self.url(key), sha256_bytes(data), len(data))
 
     def get_file(self, key: str, dest: str | Path) -> Path:
@@ -184,13 +194,16 @@ class FileStore(Store):
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
+        self._transferred("download", dest.stat().st_size)
         return dest
 
     def get_bytes(self, key: str) -> bytes:
         src = self._path(key)
         if not src.is_file():
             raise ArtifactMissing(f"no artifact at {self.url(key)}")
-        return src.read_bytes()
+        data = src.read_bytes()
+        self._transferred("download", len(data))
+        return data
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -316,17 +329,20 @@ class S3Store(Store):
         digest, size = sha256_file(path), path.stat().st_size
         self._call(f"upload {key}", lambda: self.client.fput_object(
             self.bucket, self._obj(key), str(path), part_size=PART_SIZE))
+        self._transferred("upload", size)
         return ArtifactRef(self.url(key), digest, size)
 
     def put_bytes(self, key: str, data: bytes) -> ArtifactRef:
         self._call(f"upload {key}", lambda: self.client.put_object(
             self.bucket, self._obj(key), io.BytesIO(data), len(data)))
+        self._transferred("upload", len(data))
         return ArtifactRef(self.url(key), sha256_bytes(data), len(data))
 
     def get_file(self, key: str, dest: str | Path) -> Path:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         self._call(f"download {key}", lambda: self.client.fget_object(self.bucket, self._obj(key), str(dest)))
+        self._transferred("download", dest.stat().st_size)
         return dest
 
     def get_bytes(self, key: str) -> bytes:
@@ -338,7 +354,9 @@ class S3Store(Store):
                 resp.close()
                 resp.release_conn()
 
-        return self._call(f"download {key}", read)
+        data = self._call(f"download {key}", read)
+        self._transferred("download", len(data))
+        return data
 
     def exists(self, key: str) -> bool:
         try:

@@ -4,6 +4,7 @@ calibration (evaluation without labels) and benchmarking."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -31,6 +32,21 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
+
+
+def counting(ctx, phase: str, images: int, batch_size: int, hook: BatchHook | None = None) -> BatchHook:
+    """Wrap ``hook`` for one pass over ``images`` images: every batch also counts its images with
+    ``ctx.images`` (metrics), and the last one reports the pass's throughput since this call."""
+    started = time.perf_counter()
+
+    def on_batch(done: int, total: int) -> None:
+        n = min(done * batch_size, images) - min((done - 1) * batch_size, images)
+        elapsed = time.perf_counter() - started
+        ctx.images(n, phase, images / elapsed if done == total and elapsed > 0 else None)
+        if hook:
+            hook(done, total)
+
+    return on_batch
 
 
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
@@ -69,8 +85,6 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
     """Train with SGD for ``epochs``, checkpointing each epoch to the store and resuming from the
     newest checkpoint there (a redelivered task continues where the killed one stopped).
     ``ctx`` is the StageContext; returns the per-epoch history."""
-    import time
-
     generator = seed_everything(seed)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -96,9 +110,11 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
             ctx.check_cancelled()
 
         tr = train_one_epoch(model, x, y, optimizer, batch_size=batch_size, mean=mean, std=std, device=device,
-                             generator=generator, on_batch=on_batch, frozen_bn=frozen_bn)
+                             generator=generator, on_batch=counting(ctx, "train", len(y), batch_size, on_batch),
+                             frozen_bn=frozen_bn)
         seconds = time.perf_counter() - t0
-        ev = evaluate(model, xv, yv, batch_size=max(batch_size, 64), mean=mean, std=std, device=device)
+        ev = evaluate(model, xv, yv, batch_size=max(batch_size, 64), mean=mean, std=std, device=device,
+                      on_batch=counting(ctx, "eval", len(yv), max(batch_size, 64)))
         history.append({"epoch": epoch + 1, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                         "val_loss": ev["loss"], "val_accuracy": ev["accuracy"], "seconds": round(seconds, 3),
                         "images_per_second": round(len(y) / seconds, 1), "device": device.type})

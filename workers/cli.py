@@ -71,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
                         "training stage gets a fresh process and hands all its memory back; 0 = never)")
     p.add_argument("--hostname", default=None, help="Celery node name (default: qpipe-QUEUES-PID@HOST)")
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port at /metrics (default: off; 9808 in compose/k8s)")
+    p.add_argument("--metrics-addr", default="127.0.0.1",
+                   help="address the metrics port listens on (default 127.0.0.1; 0.0.0.0 to be scraped by others)")
     p = sub.add_parser("flower", help="start Flower (the Celery dashboard) against the broker",
                        description="Start Flower against the configured broker; arguments after -- go to Flower "
                                    "(e.g. -- --basic-auth=user:pass). Needs the flower extra: "
@@ -237,6 +241,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     install(app, LEASE_INTERVAL)
     pool = args.pool
     node = args.hostname or f"qpipe-{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
+    if args.metrics_port is not None:
+        from workers import metrics
+
+        if not 0 < args.metrics_port < 65536:
+            raise SystemExit(f"qpipe worker: --metrics-port must be 1-65535, not {args.metrics_port}")
+        # before anything imports prometheus_client: pool processes record into per-process files
+        metrics.enable_multiprocess(node)
+        try:
+            metrics.serve(args.metrics_port, args.metrics_addr, broker_url=url, node=node, queues=queues, pool=pool,
+                          unacked_key=(app.conf.broker_transport_options or {}).get("unacked_key", "unacked"))
+        except OSError as err:
+            raise SystemExit(f"qpipe worker: cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: "
+                             f"{err.strerror or err}") from None
     argv = ["worker", "-Q", ",".join(queues), "-P", pool, "-n", node, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle"]
     if pool != "solo":

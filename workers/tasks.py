@@ -31,6 +31,7 @@ import redis
 from celery import Task
 from celery.exceptions import Retry
 
+from workers import metrics
 from workers.app import MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
 from workers.state import FINAL_RUN_STATES, RunState, connect
 
@@ -151,6 +152,7 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
             last[0] = now
             with contextlib.suppress(*BROKER_ERRORS):  # progress is best effort during an outage
                 state.update_stage(node_id, progress=round(fraction, 4), detail=detail)
+            metrics.update_gpu_memory()
 
     def is_cancelled() -> bool:
         try:
@@ -171,36 +173,45 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         with contextlib.suppress(*BROKER_ERRORS):
             state.update_stage(node_id, state="pending", detail="waiting: the same stage is running elsewhere")
 
+    attempt = metrics.StageAttempt(stage, cacheable=stage != "report")  # no-op unless metrics are on
     try:
         store = open_store(store_uri)
+        store.on_transfer = metrics.count_transfer
         with stage_lock(state.r, lock, owner, waiting):
             patiently(lambda: state.update_stage(node_id, state="running", worker=worker, started=time.time(),
                                                  progress=0.0, attempt=task.request.retries + 1, error=None),
                       "status")
             result = execute(node, store, run_id=run_id, on_progress=on_progress, is_cancelled=is_cancelled,
-                             extra=extra)
+                             extra=extra, on_images=metrics.images_hook(stage))
     except TransientError as err:
         if task.request.retries < MAX_RETRIES:
             delay = backoff(task.request.retries)
             log.warning("%s %s: %s; retry %d in %.0fs", run_id, node_id, err, task.request.retries + 1, delay)
+            attempt.end("retry", err)
             with contextlib.suppress(*BROKER_ERRORS):
                 state.update_stage(node_id, state="retrying", error=str(err))
             raise task.retry(countdown=delay, max_retries=MAX_RETRIES) from None
+        attempt.end("failed", err)
         out = finish("failed", error=f"gave up after {MAX_RETRIES} retries: {err}")
     except Cancelled as err:
+        attempt.end("cancelled", err)
         out = finish("cancelled", error=str(err))
         _cleanup(store, node, keep_checkpoints=True)
     except (ConfigError, StageError) as err:
+        attempt.end("failed", err)
         log.error("%s %s failed: %s", run_id, node_id, err)
         out = finish("failed", error=str(err))
         _cleanup(store, node, keep_checkpoints=False)
     except Exception as err:  # a bug: keep the traceback in the log, the cause in the status
+        attempt.end("failed", err)
         log.exception("%s %s crashed", run_id, node_id)
         out = finish("failed", error=f"{type(err).__name__}: {err}")
         _cleanup(store, node, keep_checkpoints=False)
     else:
+        attempt.end("cached" if result.cached else "done")
         out = finish("cached" if result.cached else "done", progress=1.0, manifest=result.manifest_uri)
         if stage == "report":
+            metrics.set_quality(result.manifest["summary"])
             patiently(lambda: state.finish(result.manifest["summary"]), "status")
         return out
     if stage == "report":  # the report itself failed: the run still ends, FAILED

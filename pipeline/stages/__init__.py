@@ -86,6 +86,8 @@ class StageContext:
     on_progress: Callable[[float, str], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # on_images(phase, n, per_second): images through a model (for metrics); see images()
+    on_images: Callable[[str, int, float | None], None] | None = None
     _last_cancel_check: float = 0.0
 
     def put(self, name: str, path: Path) -> dict[str, Any]:
@@ -100,6 +102,12 @@ class StageContext:
     def progress(self, fraction: float, detail: str = "") -> None:
         if self.on_progress:
             self.on_progress(max(0.0, min(1.0, fraction)), detail)
+
+    def images(self, n: int, phase: str, per_second: float | None = None) -> None:
+        """Count ``n`` more images run through a model in ``phase`` (train, calibrate or eval);
+        ``per_second``, given when a whole pass over a split ends, is that pass's throughput."""
+        if self.on_images:
+            self.on_images(phase, n, per_second)
 
     def check_cancelled(self, every: float = 1.0) -> None:
         """Raise Cancelled if the run was cancelled (asks at most once per ``every`` seconds)."""
@@ -121,7 +129,8 @@ class StageResult:
 def execute(node: dict[str, Any], store: Store, *, run_id: str | None = None,
             on_progress: Callable[[float, str], None] | None = None,
             is_cancelled: Callable[[], bool] | None = None,
-            extra: dict[str, Any] | None = None) -> StageResult:
+            extra: dict[str, Any] | None = None,
+            on_images: Callable[[str, int, float | None], None] | None = None) -> StageResult:
     """Run one plan node (see ``pipeline.plan``) against ``store``, or reuse its stored result."""
     sdef = stage_def(node["stage"])
     key = node["key"]
@@ -144,7 +153,7 @@ def execute(node: dict[str, Any], store: Store, *, run_id: str | None = None,
     started = time.time()
     with tempfile.TemporaryDirectory(prefix=f"qpipe-{sdef.name}-") as tmp:
         ctx = StageContext(store, sdef.name, key, prefix, Path(tmp), run_id, on_progress, is_cancelled,
-                           dict(extra or {}))
+                           dict(extra or {}), on_images)
         result = sdef.fn(ctx, node["config"], inputs)
     manifest = {
         "stage": sdef.name,

@@ -9,7 +9,7 @@ from pipeline.quant import load_torchscript, set_engine
 from pipeline.stages import StageContext, register
 from pipeline.stages.common import load_split, norm
 from pipeline.store import ArtifactRef
-from pipeline.train import evaluate, normalize
+from pipeline.train import counting, evaluate, normalize
 
 
 @register("benchmark", version=1, queue="cpu")
@@ -27,7 +27,8 @@ def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
             ctx.progress(0.5 * done / total, f"accuracy {min(done * 64, len(yv))}/{len(yv)} images")
             ctx.check_cancelled()
 
-        acc = evaluate(model, xv, yv, batch_size=64, on_batch=on_batch, **n)["accuracy"]
+        acc = evaluate(model, xv, yv, batch_size=64, on_batch=counting(ctx, "eval", len(yv), 64, on_batch),
+                       **n)["accuracy"]
         latency = {}
         for i, bs in enumerate(cfg["batch_sizes"]):
             ctx.progress(0.5 + 0.5 * i / len(cfg["batch_sizes"]), f"latency at batch {bs}")

@@ -9,7 +9,7 @@ import torch
 from pipeline.quant import observer_state, prepare_static
 from pipeline.stages import StageContext, register
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
-from pipeline.train import evaluate
+from pipeline.train import counting, evaluate
 
 
 @register("calibrate", version=1, queue="cpu")
@@ -24,7 +24,7 @@ def calibrate(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         ctx.progress(done / total, f"{min(done * 32, len(x))}/{len(x)} images")
         ctx.check_cancelled()
 
-    evaluate(observed, x, None, batch_size=32, on_batch=on_batch, **norm(data))
+    evaluate(observed, x, None, batch_size=32, on_batch=counting(ctx, "calibrate", len(x), 32, on_batch), **norm(data))
     path = ctx.workdir / "observers.pt"
     torch.save(observer_state(observed), path)
     return {"observer": cfg["observer"], "images": len(x), "outputs": {"observers": ctx.put("observers.pt", path)}}
