@@ -34,6 +34,7 @@ of the specs that ran. No label, sample or log line here ever holds a URL or a c
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import glob
@@ -497,8 +498,18 @@ def serve(port: int, addr: str, *, broker_url: str, node: str, queues: Iterable[
     registry = CollectorRegistry()
     registry.register(ProcessFilesCollector(path))
     registry.register(WorkerCollector(broker_url, node=node, queues=queues, pool=pool, unacked_key=unacked_key))
-    server, thread = start_http_server(port, addr, registry)
     main_pid = os.getpid()
+
+    def _cleanup() -> None:  # at the worker's exit (pool processes leave through os._exit)
+        if os.getpid() == main_pid:
+            for f in glob.glob(os.path.join(path, "*.db")) + [os.path.join(path, ".lock")]:
+                with contextlib.suppress(OSError):
+                    os.remove(f)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+    atexit.register(_cleanup)
+    server, thread = start_http_server(port, addr, registry)
 
     @worker_process_init.connect(weak=False)
     def _in_pool_process(**_: object) -> None:
@@ -528,17 +539,6 @@ def serve(port: int, addr: str, *, broker_url: str, node: str, queues: Iterable[
         except OSError as err:  # the main process folds it at the next scrape instead
             log.debug("could not fold the metrics of pool process %d: %s", pid, err)
 
-    def _cleanup() -> None:
-        if os.getpid() == main_pid:
-            for f in glob.glob(os.path.join(path, "*.db")) + [os.path.join(path, ".lock")]:
-                with contextlib.suppress(OSError):
-                    os.remove(f)
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
-
-    import atexit
-
-    atexit.register(_cleanup)
     bound = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", addr, bound)
     return Exporter(server, thread, Path(path), addr, int(bound))
