@@ -120,6 +120,8 @@ def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
         print(f"error: {summary['error']}", file=out)
     if summary.get("report"):
         print(f"report: {summary['report']}", file=out)
+    if summary.get("report_html"):
+        print(f"report (HTML, with plots): {summary['report_html']}", file=out)
 
 
 def _exit_for(summary: dict[str, Any]) -> int:

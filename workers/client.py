@@ -91,7 +91,7 @@ class RunHandle:
             out = json.loads(meta["summary"])
         else:
             out = {"run_id": self.run_id, "name": meta.get("name"), "baseline": None, "variants": [],
-                   "selected": None, "report": None, "data": None}
+                   "selected": None, "report": None, "report_html": None, "plots": {}, "data": None}
         out["status"] = meta.get("status", "PENDING")
         if meta.get("error"):
             out["error"] = meta["error"]
