@@ -35,8 +35,28 @@ def _node(stage: str, node_id: str, config: dict, inputs: dict[str, dict], *, va
     }
 
 
+# observer -> the statistic its calibration records: the histogram observers (percentile, mse,
+# entropy) differ only in the range they choose from one histogram, at conversion, so they share
+# a calibration (pipeline.quant.CALIBRATION_STATISTIC, kept here without importing torch)
+CALIBRATION_STATISTIC = {"minmax": "minmax", "moving_average_minmax": "moving_average_minmax",
+                         "histogram": "histogram", "percentile": "histogram", "mse": "histogram",
+                         "entropy": "histogram"}
+
+
 def calibration_id(v: VariantSpec) -> str:
-    return f"calibrate:{v.observer}"
+    return f"calibrate:{CALIBRATION_STATISTIC[v.observer]}"
+
+
+def quantize_config(v: VariantSpec, backend: str, arch: str) -> dict[str, Any]:
+    """The quantize stage's config: everything that changes the int8 model. Options at their
+    default (no percentile, no bias correction) stay out, so existing keys do not move."""
+    cfg: dict[str, Any] = {"variant": v.name, "method": v.method, "observer": v.observer,
+                           "per_channel": v.per_channel, "backend": backend, "arch": arch}
+    if v.percentile is not None:
+        cfg["percentile"] = v.percentile
+    if v.bias_correction:
+        cfg["bias_correction"] = True
+    return cfg
 
 
 def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, Any]]:
@@ -67,7 +87,8 @@ def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, An
             cid = calibration_id(v)
             if cid not in calibrations:
                 calibrations[cid] = _node("calibrate", cid, {
-                    "observer": v.observer, "backend": q.backend, "arch": m.arch, "seed": spec.seed,
+                    "observer": CALIBRATION_STATISTIC[v.observer], "backend": q.backend, "arch": m.arch,
+                    "seed": spec.seed,
                 }, {"data": ingest, "model": finetune}, variant=None)
                 nodes.append(calibrations[cid])
     for v in q.variants:
@@ -81,10 +102,8 @@ def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, An
             inputs = {"data": ingest, "model": finetune}
             if v.method == "static":
                 inputs["calibration"] = calibrations[calibration_id(v)]
-            producer = _node("quantize", f"quantize:{v.name}", {
-                "variant": v.name, "method": v.method, "observer": v.observer, "per_channel": v.per_channel,
-                "backend": q.backend, "arch": m.arch,
-            }, inputs, variant=v.name)
+            producer = _node("quantize", f"quantize:{v.name}", quantize_config(v, q.backend, m.arch), inputs,
+                             variant=v.name)
         nodes.append(producer)
         benches.append(_node("benchmark", f"benchmark:{v.name}", {"variant": v.name, "method": v.method, **bench_cfg},
                              {"data": ingest, "model": producer}, variant=v.name))

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import SpecError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
+# activation observers for method: static (pipeline.quant.OBSERVERS implements each)
+OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile", "mse", "entropy")
+DEFAULT_PERCENTILE = 99.99
 URI_SCHEMES = ("file://", "s3://")
 
 
@@ -103,8 +105,14 @@ class FinetuneSpec(_Strict):
 class VariantSpec(_Strict):
     name: str
     method: Literal["static", "dynamic", "qat"]
-    observer: Literal["minmax", "moving_average_minmax", "histogram"] | None = None
+    observer: Literal["minmax", "moving_average_minmax", "histogram", "percentile", "mse", "entropy"] | None = None
+    percentile: float | None = Field(
+        None, gt=50.0, le=100.0, description="observer: percentile clips activations to this percentile "
+        "(and the bottom to 100 minus it); 99.99 by default")
     per_channel: bool = True
+    bias_correction: bool = Field(
+        False, description="static only: after conversion, shift each int8 conv/linear bias by its mean "
+        "output error against fp32 on the calibration images")
     epochs: int | None = Field(None, ge=1, le=1000)
     lr: float | None = Field(None, gt=0.0, le=10.0)
     batch_size: int | None = Field(None, ge=1, le=4096)
@@ -125,6 +133,18 @@ class VariantSpec(_Strict):
                 f"observer is only used by method: static (variant {self.name!r} is "
                 f"{self.method}): remove it"
             )
+        if self.percentile is not None and self.observer != "percentile":
+            raise ValueError(
+                f"percentile only applies to observer: percentile (variant {self.name!r} uses "
+                f"{self.observer or 'no observer'}): remove it or set observer: percentile"
+            )
+        if self.observer == "percentile" and self.percentile is None:
+            self.percentile = DEFAULT_PERCENTILE
+        if self.bias_correction and self.method != "static":
+            raise ValueError(
+                f"bias_correction only applies to method: static (variant {self.name!r} is "
+                f"{self.method}): remove it"
+            )
         if self.method != "qat":
             extra = [k for k in ("epochs", "lr", "batch_size") if getattr(self, k) is not None]
             if extra:
@@ -135,8 +155,9 @@ class VariantSpec(_Strict):
         else:
             self.epochs = self.epochs or 1
             self.lr = self.lr or 1e-4
-        if self.method == "dynamic" and not self.per_channel:
-            raise ValueError("dynamic quantization uses per-channel weights: remove per_channel")
+        if self.method in ("dynamic", "qat") and not self.per_channel:
+            raise ValueError(f"{self.method} quantization uses per-channel weights: remove per_channel "
+                             "(per-tensor weights are a method: static option)")
         return self
 
 

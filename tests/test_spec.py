@@ -71,7 +71,19 @@ REFUSED = [
     ("duplicate-variant-names", variant(1, name="ptq"), ["quantize.variants", "ptq", "twice"]),
     ("observer-on-dynamic", variant(1, observer="minmax"), ["quantize.variants.1", "observer", "dynamic"]),
     ("observer-on-qat", variant(2, observer="histogram"), ["quantize.variants.2", "observer", "qat"]),
-    ("unknown-observer", variant(0, observer="percentile"), ["quantize.variants.0.observer"]),
+    ("unknown-observer", variant(0, observer="percentil"), ["quantize.variants.0.observer", "percentile", "mse"]),
+    ("percentile-without-its-observer", variant(0, percentile=99.9),
+     ["quantize.variants.0", "percentile", "minmax", "set observer: percentile"]),
+    ("percentile-on-dynamic", variant(1, percentile=99.9), ["quantize.variants.1", "percentile"]),
+    ("percentile-too-low", variant(0, observer="percentile", percentile=50), ["quantize.variants.0.percentile", "50"]),
+    ("percentile-over-100", variant(0, observer="percentile", percentile=100.5),
+     ["quantize.variants.0.percentile", "100"]),
+    ("percentile-not-a-number", variant(0, observer="percentile", percentile="high"),
+     ["quantize.variants.0.percentile"]),
+    ("bias-correction-on-dynamic", variant(1, bias_correction=True),
+     ["quantize.variants.1", "bias_correction", "static", "dynamic"]),
+    ("bias-correction-on-qat", variant(2, bias_correction=True), ["quantize.variants.2", "bias_correction", "qat"]),
+    ("bias-correction-not-a-bool", variant(0, bias_correction="maybe"), ["quantize.variants.0.bias_correction"]),
     ("epochs-on-static", variant(0, epochs=2), ["quantize.variants.0", "epochs", "static"]),
     ("lr-on-dynamic", variant(1, lr=0.1), ["quantize.variants.1", "lr", "dynamic"]),
     ("variant-named-fp32", variant(1, name="fp32"), ["quantize.variants.1.name", "fp32"]),
@@ -97,6 +109,7 @@ REFUSED = [
     ("no-variants", lambda s: s["quantize"].update(variants=[]), ["quantize.variants"]),
     ("unknown-backend", lambda s: s["quantize"].update(backend="fbgemm2"), ["quantize.backend"]),
     ("dynamic-per-tensor", variant(1, per_channel=False), ["quantize.variants.1", "per_channel"]),
+    ("qat-per-tensor", variant(2, per_channel=False), ["quantize.variants.2", "per_channel", "static"]),
 ]
 
 
@@ -215,6 +228,21 @@ def test_defaults_are_filled_in() -> None:
     assert spec.finetune.device == "auto"
     assert spec.benchmark.batch_sizes == [1, 32]
     assert [v.name for v in spec.static_variants()] == ["s"]
+
+
+def test_calibration_options() -> None:
+    spec = parse_spec({"name": "c", "quantize": {"variants": [
+        {"name": "p", "method": "static", "observer": "percentile"},
+        {"name": "p9", "method": "static", "observer": "percentile", "percentile": 99.9, "bias_correction": True},
+        {"name": "m", "method": "static", "observer": "mse", "per_channel": False},
+        {"name": "e", "method": "static", "observer": "entropy"},
+        {"name": "h", "method": "static"},
+    ]}})
+    p, p9, m, e, h = spec.quantize.variants
+    assert (p.observer, p.percentile, p.bias_correction) == ("percentile", 99.99, False)
+    assert (p9.percentile, p9.bias_correction) == (99.9, True)
+    assert (m.observer, m.per_channel, m.percentile) == ("mse", False, None)
+    assert (e.observer, h.observer, h.percentile, h.bias_correction) == ("entropy", "histogram", None, False)
 
 
 def test_batch_sizes_are_sorted() -> None:
