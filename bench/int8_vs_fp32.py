@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (match the machine's cores)")
     p.add_argument("--backend", default="x86", choices=["x86", "qnnpack", "fbgemm", "onednn"],
                    help="quantized engine")
-    p.add_argument("--observer", default="minmax", choices=["minmax", "moving_average_minmax", "histogram"])
+    p.add_argument("--observer", default="minmax", choices=list(quant.OBSERVERS))
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weights instead of per-channel")
     p.add_argument("--calib-batches", type=int, default=4, help="random calibration batches")
     p.add_argument("--calib-batch-size", type=int, default=8)
