@@ -66,7 +66,7 @@ Output
     A missed target is reported, never an error: the exit status is non-zero only when something
     failed (2 when the ``peers`` extra is missing).
 
-    .venv/bin/python bench/peers.py                # full: ~15 min on 2 shared cores
+    .venv/bin/python bench/peers.py                # full: ~10 min on 2 cores
     .venv/bin/python bench/peers.py --quick        # 1 epoch, one static variant, no 224 case
     .venv/bin/python bench/peers.py --store /tmp/peers-store   # keep (and reuse) qpipe's stages
 """
@@ -566,6 +566,7 @@ def run_case(case: Case, args: argparse.Namespace, store: Store, workdir: Path,
                       "layers": layers[name]}
     rows[QPIPE]["latency_ms_p50_after_eval"] = {bs: latency[bs][QPIPE_AFTER_EVAL]["p50_ms"] for bs in latency}
     rows[QPIPE]["variant"] = q.selected
+    rows[QPIPE]["artifact"] = {k: q.int8_bench["outputs"]["model"][k] for k in ("uri", "sha256")}
     rows[QPIPE]["method"] = q.int8_bench.get("method")
     rows[QPIPE]["top1_in_qpipe_benchmark_stage"] = q.int8_bench["metrics"]["accuracy_top1"]
     rows[NNCF]["settings"] = nncf_settings
