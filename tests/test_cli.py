@@ -35,10 +35,20 @@ def qpipe(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path |
                           env=full_env | {"PYTHONPATH": str(ROOT)}, timeout=timeout, cwd=cwd or ROOT)
 
 
-def our_processes() -> set[int]:
-    """Pids of every valkey-server and qpipe worker on this machine."""
+def our_processes(home: Path) -> set[int]:
+    """Pids of the valkey-servers and qpipe workers that a ``qpipe run`` with ``QPIPE_HOME=home``
+    started (they inherit its environment), so that other tests running at the same time do
+    not count."""
     out = subprocess.run(["pgrep", "-f", "valkey-server|workers.cli worker"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+    mine = set()
+    for pid in (int(p) for p in out.stdout.split()):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if f"QPIPE_HOME={home}".encode() in env:
+            mine.add(pid)
+    return mine
 
 
 def write_spec(tmp_path: Path, spec: dict) -> Path:
@@ -48,7 +58,6 @@ def write_spec(tmp_path: Path, spec: dict) -> Path:
 
 
 def test_embedded_default_end_to_end(tmp_path):
-    before = our_processes()
     spec = write_spec(tmp_path, TINY)
     out_json = tmp_path / "summary.json"
     proc = qpipe("run", str(spec), "--output-json", str(out_json), env={"QPIPE_HOME": str(tmp_path / "home")})
@@ -63,11 +72,10 @@ def test_embedded_default_end_to_end(tmp_path):
     assert summary["report"].startswith((tmp_path / "home" / "store").as_uri())
     assert Path(summary["baseline"]["artifact"][len("file://"):]).is_file()
     time.sleep(0.5)
-    assert our_processes() <= before, "the embedded run left processes behind"
+    assert not our_processes(tmp_path / "home"), "the embedded run left processes behind"
 
 
 def test_ctrl_c_stops_everything(tmp_path):
-    before = our_processes()
     spec = write_spec(tmp_path, {**TINY, "finetune": {"epochs": 50, "batch_size": 16}})
     env = {k: v for k, v in os.environ.items() if not k.startswith("QPIPE_")}
     proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "run", str(spec)], stdout=subprocess.PIPE,
@@ -81,12 +89,13 @@ def test_ctrl_c_stops_everything(tmp_path):
         if "finetune" in line and "running" in line:
             break
         assert time.monotonic() < deadline, "".join(lines)
+    assert our_processes(tmp_path / "home"), "the check must see the embedded cluster's processes"
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=90)
     assert proc.returncode == 130, "".join(lines) + rest
     assert "interrupted" in rest
     time.sleep(0.5)
-    assert our_processes() <= before, "Ctrl-C left processes behind"
+    assert not our_processes(tmp_path / "home"), "Ctrl-C left processes behind"
 
 
 @pytest.mark.parametrize("bad, field", [

@@ -409,9 +409,14 @@ def test_prometheus_scrapes_workers_during_a_pipeline(broker, s3_env, tmp_path, 
             {b: ms / 1000 for b, ms in ptq["latency_ms_p50"].items()})
 
         # queues: empty now; each held a message while one of its stages ran (acks_late)
-        queues = prom.query("max by (queue, state) (qpipe_queue_messages)")
-        assert {(dict(k)["queue"], dict(k)["state"]): v for k, v in queues.items()} == {
-            ("cpu", "waiting"): 0, ("cpu", "reserved"): 0, ("gpu", "waiting"): 0, ("gpu", "reserved"): 0}
+        # (the report's message is acknowledged just after the run's status is written: wait for it)
+        empty = {("cpu", "waiting"): 0, ("cpu", "reserved"): 0, ("gpu", "waiting"): 0, ("gpu", "reserved"): 0}
+
+        def queues_now() -> dict:
+            got = prom.query("max by (queue, state) (qpipe_queue_messages)")
+            return {(dict(k)["queue"], dict(k)["state"]): v for k, v in got.items()}
+
+        wait_for(lambda: queues_now() == empty, timeout=30, every=0.5)
         held = prom.query('max by (queue) (max_over_time(qpipe_queue_messages{state="reserved"}[10m]))')
         assert _by(held, "queue") == {"cpu": 1.0, "gpu": 1.0}
 

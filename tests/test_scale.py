@@ -85,13 +85,18 @@ def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s
         cpu_nodes = {cluster["workers"][0].node, second.node}
         assert set(per_worker) == cpu_nodes, f"branch stages per worker: {dict(per_worker)}"
 
+        seen: list[dict] = []
+
         def run_tasks() -> list[dict]:
             tasks = flower.get("/api/tasks?limit=1000")
-            mine = [t for t in tasks.values() if handle.run_id in str(t.get("args"))]
-            return mine if len(mine) >= len(summary["stages"]) and all(t.get("state") == "SUCCESS" for t in mine) \
-                else []
+            seen[:] = [t for t in tasks.values() if handle.run_id in str(t.get("args"))]
+            done = len(seen) >= len(summary["stages"]) and all(t.get("state") == "SUCCESS" for t in seen)
+            return seen if done else []
 
-        tasks = wait_for(run_tasks, timeout=60, every=1.0)
+        try:  # Flower reads the workers' events as they come: give a loaded machine time
+            tasks = wait_for(run_tasks, timeout=180, every=1.0)
+        except TimeoutError:
+            pytest.fail(f"Flower saw {sorted((t['name'], t.get('state')) for t in seen)}")
         names = Counter(t["name"] for t in tasks)
         assert names["qpipe.finetune"] == 1 and names["qpipe.report"] == 1, names
         assert names["qpipe.benchmark"] == 4 and names["qpipe.calibrate"] == 2, names
