@@ -94,6 +94,16 @@ def cpu_info() -> dict[str, Any]:
     return {"model": model, "int8_flags": [f for f in CPU_FLAGS if f in flags], "logical_cpus": os.cpu_count()}
 
 
+def add_timing_args(p: argparse.ArgumentParser, *, warmup: int) -> None:
+    """The latency-measurement options shared with bench/peers.py."""
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are taken across them")
+    p.add_argument("--iterations", type=int, default=50, help="timed calls per measurement (at most)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed calls before each measurement")
+    p.add_argument("--max-seconds", type=float, default=2.0, help="time cap of one measurement")
+    p.add_argument("--quiet-threshold", type=float, default=0.1,
+                   help="a round counts as quiet when other processes used less than this share of the CPUs")
+
+
 def parse_batch_sizes(text: str) -> list[int]:
     try:
         sizes = sorted({int(s) for s in text.split(",") if s.strip()})
@@ -120,12 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-batch-size", type=int, default=8)
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure dynamic quantization (int8 Linear only)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are taken across them")
-    p.add_argument("--iterations", type=int, default=50, help="timed calls per measurement (at most)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
-    p.add_argument("--max-seconds", type=float, default=2.0, help="time cap of one measurement")
-    p.add_argument("--quiet-threshold", type=float, default=0.1,
-                   help="a round counts as quiet when other processes used less than this share of the CPUs")
+    add_timing_args(p, warmup=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-speedup", type=float, default=4.0, help="int8 vs fp32 eager at batch 1")
     p.add_argument("--target-size-ratio", type=float, default=0.27, help="int8 / fp32 TorchScript bytes")

@@ -94,7 +94,14 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int8_vs_fp32 import cpu_info, measure, median_ratio, parse_batch_sizes, round_load  # noqa: E402
+from int8_vs_fp32 import (  # noqa: E402
+    add_timing_args,
+    cpu_info,
+    measure,
+    median_ratio,
+    parse_batch_sizes,
+    round_load,
+)
 
 from pipeline.bench import threads  # noqa: E402
 from pipeline.plan import build_plan  # noqa: E402
@@ -154,12 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--large-epochs", type=int, default=1, help="fine-tuning epochs of the latency case")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=[1, 32], help="comma-separated")
     p.add_argument("--threads", type=int, default=1, help="threads of every runtime (the demo spec benchmarks at 1)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds; medians are taken across them")
-    p.add_argument("--iterations", type=int, default=50, help="timed calls per measurement (at most)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement")
-    p.add_argument("--max-seconds", type=float, default=2.0, help="time cap of one measurement")
-    p.add_argument("--quiet-threshold", type=float, default=0.1,
-                   help="a round counts as quiet when other processes used less than this share of the CPUs")
+    add_timing_args(p, warmup=3)
     p.add_argument("--target-ratio", type=float, default=1.0, help="qpipe / fastest peer latency, at most")
     p.add_argument("--aim-ratio", type=float, default=0.9, help="qpipe / fastest peer latency aimed for")
     p.add_argument("--seed", type=int, default=0, help="the spec's seed (split, calibration draw, training)")

@@ -97,3 +97,19 @@ def wait_for(pred, timeout: float = 180, every: float = 0.2):
 
 def worker_logs(cluster: dict) -> str:
     return "\n".join(Path(w.log_path).read_text(errors="replace")[-6000:] for w in cluster["workers"])
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of in-process tests: tiny models gain nothing from more,
+    one thread keeps every float reduction in one order, and on a busy 2-core machine OpenMP
+    threads spinning against other processes made test_stages.py ~5x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+

@@ -18,7 +18,6 @@ import copy
 import functools
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,16 +73,7 @@ OUTLIER_BLOCK = "layer3.1"
 OUTLIER_SCALE = 256.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a busy 2-core machine (and one thread
-    keeps every float reduction in one order)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Trained:
