@@ -46,9 +46,12 @@ class FlowerProcess(ServerProcess):
         return {**os.environ, "QPIPE_BROKER_URL": self.broker, "FLOWER_UNAUTHENTICATED_API": "true",
                 "PYTHONPATH": root}
 
-    def get(self, path: str) -> object:
+    def text(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
-            return json.loads(resp.read())
+            return resp.read().decode()
+
+    def get(self, path: str) -> object:
+        return json.loads(self.text(path))
 
     def _wait_ready(self, deadline: float) -> None:
         def up() -> bool:
@@ -72,6 +75,10 @@ def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s
     try:
         second.start()
         flower.start()
+        # Flower's HTTP API answers before its event receiver is connected; a heartbeat counted
+        # in its own metrics shows that events reach it (else the first task could be missed)
+        wait_for(lambda: f'flower_worker_online{{worker="{second.node}"}} 1.0' in flower.text("/metrics"),
+                 timeout=60, every=0.5)
         spec = copy.deepcopy(SMALL_SPEC)
         spec["name"] = "digits-scale"
         spec["seed"] = 11  # a key of its own: nothing from other tests' runs is reused
