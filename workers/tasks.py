@@ -211,8 +211,11 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         attempt.end("cached" if result.cached else "done")
         out = finish("cached" if result.cached else "done", progress=1.0, manifest=result.manifest_uri)
         if stage == "report":
-            metrics.set_quality(result.manifest["summary"])
             patiently(lambda: state.finish(result.manifest["summary"]), "status")
+            try:  # the run's outcome is recorded; a metrics problem must not change it
+                metrics.set_quality(result.manifest["summary"])
+            except Exception:
+                log.exception("%s: could not set the quality gauges", run_id)
         return out
     if stage == "report":  # the report itself failed: the run still ends, FAILED
         patiently(lambda: state.set(status="CANCELLED" if state.cancel_requested() else "FAILED",
