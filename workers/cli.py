@@ -211,6 +211,20 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _broker_app(command: str, broker: str | None):
+    """The shared Celery app configured for ``broker`` (or QPIPE_BROKER_URL), once the broker
+    answers; exits with a clear message when none is configured or it is unreachable."""
+    from workers.app import app, broker_url, configure
+    from workers.client import check_broker
+
+    url = broker_url(broker)
+    if not url:
+        raise SystemExit(f"qpipe {command}: no broker: pass --broker or set QPIPE_BROKER_URL")
+    check_broker(url)
+    configure(app, url)
+    return app, url
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
@@ -220,23 +234,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # setting OMP_WAIT_POLICY yourself.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from workers.app import app, broker_url, configure
-    from workers.client import check_broker
-
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     bad = [q for q in queues if q not in ("cpu", "gpu")]
     if bad or not queues:
         raise SystemExit(f"qpipe worker: unknown queue(s) {bad}: use cpu, gpu or cpu,gpu")
-    url = broker_url(args.broker)
-    if not url:
-        raise SystemExit("qpipe worker: no broker: pass --broker or set QPIPE_BROKER_URL")
-    check_broker(url)
+    app, url = _broker_app("worker", args.broker)
     if args.store:
         os.environ["QPIPE_STORE_URI"] = args.store
         from pipeline.store import open_store
 
         open_store(args.store).check()
-    configure(app, url)
     from workers.app import LEASE_INTERVAL
     from workers.leases import install
 
@@ -280,18 +287,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from workers.app import app, broker_url, configure
-    from workers.client import check_broker
-
     try:
         import flower  # noqa: F401
     except ImportError:
         raise SystemExit("qpipe flower: Flower is not installed: pip install 'qpipe[flower]'") from None
-    url = broker_url(args.broker)
-    if not url:
-        raise SystemExit("qpipe flower: no broker: pass --broker or set QPIPE_BROKER_URL")
-    check_broker(url)
-    configure(app, url)
+    app, _ = _broker_app("flower", args.broker)
     extra = [a for a in args.flower_args if a != "--"]
     app.start(["flower", f"--port={args.port}", f"--address={args.address}", *extra])
     return EXIT_OK
