@@ -53,7 +53,6 @@ Output
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -65,7 +64,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -265,20 +263,6 @@ def is_loopback(address: str) -> bool:
     return host.startswith("127.") or host == "::1"
 
 
-@contextlib.contextmanager
-def env_vars(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 class SingleWorkerCluster:
     """Experiment (``--single-worker``): EmbeddedCluster's layout but with ONE worker process
     consuming both queues (``--queues cpu,gpu``, solo pool), so stages never run concurrently
@@ -318,7 +302,7 @@ class SingleWorkerCluster:
 
 def run_distributed_mode(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.bench import machine_busy_s
-    from tests.servers import SeaweedS3Server
+    from tests.servers import SeaweedS3Server, env_vars
     from workers.client import Client
     from workers.embedded import EmbeddedCluster
 

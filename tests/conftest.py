@@ -3,7 +3,6 @@ SeaweedFS S3 server, and real ``qpipe worker`` processes for the cpu and gpu que
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,16 +45,10 @@ def s3_env(s3_server) -> Iterator[dict[str, str]]:
     """QPIPE_S3_* set for this process and for the worker processes it starts."""
     env = {"QPIPE_S3_ENDPOINT": s3_server.endpoint, "QPIPE_S3_ACCESS_KEY": s3_server.access_key,
            "QPIPE_S3_SECRET_KEY": s3_server.secret_key, "QPIPE_S3_SECURE": "false"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    from tests.servers import env_vars
+
+    with env_vars(env):
         yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ from pipeline.errors import ConfigError, SpecError
 from pipeline.runner import run_in_process
 from pipeline.spec import load_spec
 from pipeline.store import FileStore
-from tests.test_data import _tar  # the one tar builder of the tests
+from tests.test_data import _tar, make_folder, noise  # the tests' one tar, ImageFolder and image builders
 from workers.client import Client
 from workers.servers import RedisServer, free_port
 
@@ -61,11 +61,6 @@ def tiny_spec(source: str, name: str = "bad-input", **data: Any) -> dict:
 
 
 # ------------------------------------------------------------------------------ file makers
-
-def noise(w: int = 20, h: int = 20, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
 
 def encoded(img: Image.Image, fmt: str, **kw: Any) -> bytes:
     buf = io.BytesIO()
@@ -122,14 +117,6 @@ def symlink_to(target: Callable[[Path], Path]) -> Callable[[bytes, Path], None]:
 
 def make_fifo(path: bytes, root: Path) -> None:
     os.mkfifo(path)
-
-
-def make_folder(root: Path, layout: dict[str, int], seed: int = 0) -> Path:
-    for c, n in layout.items():
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            noise(seed=seed * 1000 + sum(map(ord, c)) * 50 + i).save(root / c / f"{i:03d}.png")
-    return root
 
 
 PNG = encoded(noise(seed=5), "PNG")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for, worker_logs
+from tests.servers import env_vars
 from workers.client import Client
 from workers.embedded import WorkerProcess
 from workers.servers import RedisServer
@@ -44,15 +45,10 @@ class Fleet:
         self.workers: list[WorkerProcess] = []
 
     def worker(self, queue: str) -> WorkerProcess:
-        old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with env_vars(self.env):  # the worker process inherits it
             w = WorkerProcess(queue, self.broker.url, self.store, self.tmp / f"logs-{len(self.workers)}")
             self.workers.append(w)
             return w.start()
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
     def client(self) -> Client:
         return Client(self.broker.url, self.store)
