@@ -27,7 +27,7 @@ import contextlib
 import copy
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -280,14 +280,11 @@ def observer_state(observed: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in observed.state_dict().items() if OBSERVER_KEY in k}
 
 
-def convert_static(model: nn.Module, example: tuple[torch.Tensor, ...], observers: dict[str, torch.Tensor], *,
-                   observer: str, per_channel: bool, backend: str, arch: str,
-                   percentile: float | None = None) -> nn.Module:
-    """Rebuild the observed graph, load stored observer statistics (recorded by an observer with
-    the same ``CALIBRATION_STATISTIC``), choose each activation's range with ``observer`` and
-    convert to int8."""
-    from torch.ao.quantization.quantize_fx import convert_fx
-
+def calibrated(model: nn.Module, example: tuple[torch.Tensor, ...], observers: dict[str, torch.Tensor], *,
+               observer: str, per_channel: bool, backend: str, arch: str,
+               percentile: float | None = None) -> nn.Module:
+    """Rebuild the observed graph of ``model`` and load stored observer statistics (recorded by
+    an observer with the same ``CALIBRATION_STATISTIC``): ready for ``convert_calibrated``."""
     observed = prepare_static(model, example, observer=observer, per_channel=per_channel, backend=backend,
                               arch=arch, percentile=percentile)
     expected = {k for k in observed.state_dict() if OBSERVER_KEY in k}
@@ -296,7 +293,57 @@ def convert_static(model: nn.Module, example: tuple[torch.Tensor, ...], observer
                          f"({len(expected ^ set(observers))} differ): recalibrate")
     with quiet():
         observed.load_state_dict(observers, strict=False)
-        return convert_fx(observed)
+    observed.qpipe_qconfig = (observer, per_channel, backend, percentile)  # what convert_calibrated reuses
+    return observed
+
+
+def static_mapping(observed: nn.Module, keep_fp32: Sequence[str] = ()):
+    """The qconfig mapping ``observed`` was prepared with, with each layer named in
+    ``keep_fp32`` (a conv or linear layer's module name in the fp32 model) set to stay fp32."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+
+    observer, per_channel, backend, percentile = observed.qpipe_qconfig
+    with quiet():
+        mapping = get_default_qconfig_mapping(backend).set_global(_qconfig(observer, per_channel, backend, percentile))
+    for name in keep_fp32:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def convert_calibrated(observed: nn.Module, keep_fp32: Sequence[str] = ()) -> nn.Module:
+    """Convert a copy of a calibrated model (``calibrated``) to int8, keeping the layers named in
+    ``keep_fp32`` in fp32: the ranges all come from the one calibration, so a layer kept fp32
+    changes nothing else (its neighbours quantize and dequantize around it)."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    unknown = sorted(set(keep_fp32) - set(quantizable_layers(observed)))
+    if unknown:
+        raise StageError(f"cannot keep {', '.join(unknown)} in fp32: no such quantizable layer")
+    with quiet():
+        return convert_fx(copy.deepcopy(observed), qconfig_mapping=static_mapping(observed, keep_fp32))
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """The conv and linear layers of an observed (or fp32) model, by module name, in order; a
+    fused conv + relu is named by its fused module (the conv's name in the fp32 model)."""
+    from torch.ao.nn.intrinsic import _FusedModule
+
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, _FusedModule) or (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+                                           and not any(name.startswith(f + ".") for f in names)):
+            names.append(name)
+    return names
+
+
+def convert_static(model: nn.Module, example: tuple[torch.Tensor, ...], observers: dict[str, torch.Tensor], *,
+                   observer: str, per_channel: bool, backend: str, arch: str,
+                   percentile: float | None = None, keep_fp32: Sequence[str] = ()) -> nn.Module:
+    """Rebuild the observed graph, load stored observer statistics, choose each activation's
+    range with ``observer`` and convert to int8 (``keep_fp32``: layers left in fp32)."""
+    observed = calibrated(model, example, observers, observer=observer, per_channel=per_channel,
+                          backend=backend, arch=arch, percentile=percentile)
+    return convert_calibrated(observed, keep_fp32)
 
 
 def _float_twin(qmodule: nn.Module, reference: nn.Module | None) -> nn.Module | None:
@@ -470,9 +517,15 @@ def layer_table(model: nn.Module) -> list[dict[str, str]]:
     """Every convolution and linear layer with the precision it runs in."""
     import torch.ao.nn.quantized as nnq
     import torch.ao.nn.quantized.dynamic as nnqd
+    from torch.ao.nn.intrinsic import _FusedModule
 
     rows = []
+    fused = set()
     for name, m in model.named_modules():
+        if isinstance(m, _FusedModule):  # a float conv + relu kept fp32: named like its int8 form
+            fused.add(name)
+        if name.rpartition(".")[0] in fused:
+            name = name.rpartition(".")[0]
         if isinstance(m, nnqd.Linear):
             rows.append({"layer": name, "type": type(m).__name__, "precision": "int8-dynamic"})
         elif isinstance(m, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear)):
