@@ -59,6 +59,13 @@ def quantize_config(v: VariantSpec, backend: str, arch: str) -> dict[str, Any]:
     return cfg
 
 
+def sensitivity_config(v: VariantSpec, backend: str, arch: str, part: int, parts: int) -> dict[str, Any]:
+    """A sensitivity part's config: what decides the int8 model (not the variant's name, so
+    variants that convert alike share the parts), and which part of how many."""
+    cfg = {k: val for k, val in quantize_config(v, backend, arch).items() if k not in ("variant", "bias_correction")}
+    return cfg | {"part": part, "parts": parts}
+
+
 def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, Any]]:
     """``sources`` holds the prepared descriptions of ``data.source``, ``data.val_source`` and
     ``model.weights`` (see ``pipeline.sources.prepare_source``)."""
@@ -100,10 +107,19 @@ def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, An
             }, {"data": ingest, "model": finetune}, variant=v.name)
         else:
             inputs = {"data": ingest, "model": finetune}
+            config = quantize_config(v, q.backend, m.arch)
             if v.method == "static":
                 inputs["calibration"] = calibrations[calibration_id(v)]
-            producer = _node("quantize", f"quantize:{v.name}", quantize_config(v, q.backend, m.arch), inputs,
-                             variant=v.name)
+            if v.sensitivity:
+                parts = [_node("sensitivity", f"sensitivity:{v.name}:{i}",
+                               sensitivity_config(v, q.backend, m.arch, i, q.sensitivity_parts), dict(inputs),
+                               variant=v.name) for i in range(q.sensitivity_parts)]
+                nodes.extend(parts)
+                inputs |= {f"sensitivity_{i}": part for i, part in enumerate(parts)}
+                config["sensitivity"] = q.sensitivity_parts
+            if v.fallback == "auto":
+                config |= {"fallback": "auto", "accuracy_budget": b.accuracy_budget}
+            producer = _node("quantize", f"quantize:{v.name}", config, inputs, variant=v.name)
         nodes.append(producer)
         benches.append(_node("benchmark", f"benchmark:{v.name}", {"variant": v.name, "method": v.method, **bench_cfg},
                              {"data": ingest, "model": producer}, variant=v.name))

@@ -113,6 +113,12 @@ class VariantSpec(_Strict):
     bias_correction: bool = Field(
         False, description="static only: after conversion, shift each int8 conv/linear bias by its mean "
         "output error against fp32 on the calibration images")
+    sensitivity: bool = Field(
+        False, description="static only: measure every layer's effect on top-1 and SQNR (keeping it fp32, "
+        "all others int8), split over quantize.sensitivity_parts tasks; the report ranks the layers")
+    fallback: Literal["none", "auto"] = Field(
+        "none", description="static only: auto keeps the most sensitive layers fp32, fewest first, until the "
+        "top-1 drop is within benchmark.accuracy_budget (implies sensitivity)")
     epochs: int | None = Field(None, ge=1, le=1000)
     lr: float | None = Field(None, gt=0.0, le=10.0)
     batch_size: int | None = Field(None, ge=1, le=4096)
@@ -145,6 +151,13 @@ class VariantSpec(_Strict):
                 f"bias_correction only applies to method: static (variant {self.name!r} is "
                 f"{self.method}): remove it"
             )
+        for option, value in (("sensitivity", self.sensitivity), ("fallback", self.fallback != "none")):
+            if value and self.method != "static":
+                raise ValueError(
+                    f"{option} only applies to method: static (variant {self.name!r} is {self.method}): "
+                    "remove it, or add a static variant with it")
+        if self.fallback == "auto":
+            self.sensitivity = True
         if self.method != "qat":
             extra = [k for k in ("epochs", "lr", "batch_size") if getattr(self, k) is not None]
             if extra:
@@ -164,6 +177,9 @@ class VariantSpec(_Strict):
 class QuantizeSpec(_Strict):
     backend: Literal["x86", "qnnpack"] = "x86"
     variants: list[VariantSpec] = Field(min_length=1)
+    sensitivity_parts: int = Field(
+        4, ge=1, le=256, description="tasks each sensitivity analysis is split into (layers dealt round-robin): "
+        "with N cpu workers, N or more parts finish about N times sooner than one")
 
     @field_validator("variants")
     @classmethod

@@ -189,16 +189,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     return Trained(tmp_path_factory.mktemp("calibration"))
 
 
-@pytest.fixture(scope="module")
-def outlier_model(run: Trained) -> torch.nn.Module:
-    """``run.model`` with an outlier channel after OUTLIER_BLOCK's first convolution: the one
-    active least often on the calibration images (but active), scaled up by OUTLIER_SCALE."""
-    model = copy.deepcopy(run.model)
+def with_outlier(model: torch.nn.Module, calib: torch.Tensor, x_val: torch.Tensor) -> torch.nn.Module:
+    """A copy of ``model`` with an outlier channel after OUTLIER_BLOCK's first convolution: the
+    one active least often on the calibration images (but active), scaled up by OUTLIER_SCALE."""
+    model = copy.deepcopy(model)
     block = model.get_submodule(OUTLIER_BLOCK)
     seen: list[torch.Tensor] = []
     hook = block.bn1.register_forward_hook(lambda mod, args, out: seen.append(out.relu()))
     with torch.no_grad():
-        model(run.calib)
+        reference = model(x_val)
+        model(calib)
     hook.remove()
     active = (seen[0] > 0).float().mean((0, 2, 3))
     channel = int(torch.where(active > 0, active, torch.full_like(active, 2.0)).argmin())
@@ -206,14 +206,19 @@ def outlier_model(run: Trained) -> torch.nn.Module:
         block.bn1.weight[channel] *= OUTLIER_SCALE
         block.bn1.bias[channel] *= OUTLIER_SCALE
         block.conv2.weight[:, channel] /= OUTLIER_SCALE
-        assert torch.allclose(model(run.x_val), run.model(run.x_val), atol=1e-4)
+        assert torch.allclose(model(x_val), reference, atol=1e-4)
         out = []
         hook = block.bn1.register_forward_hook(lambda mod, args, o: out.append(o.relu()))
-        model(run.calib)
+        model(calib)
         hook.remove()
     others = torch.cat([out[0][:, :channel], out[0][:, channel + 1:]], 1)
     assert out[0][:, channel].max() > 20 * others.max()  # really an outlier
     return model
+
+
+@pytest.fixture(scope="module")
+def outlier_model(run: Trained) -> torch.nn.Module:
+    return with_outlier(run.model, run.calib, run.x_val)
 
 
 # --------------------------------------------------------------------- accuracy and SQNR

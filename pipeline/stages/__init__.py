@@ -26,7 +26,7 @@ from pipeline.store import ArtifactMissing, ArtifactRef, Store
 log = logging.getLogger(__name__)
 
 StageFn = Callable[["StageContext", dict, dict[str, dict]], dict]
-STAGE_MODULES = ("ingest", "finetune", "calibrate", "quantize", "qat", "benchmark", "report")
+STAGE_MODULES = ("ingest", "finetune", "calibrate", "sensitivity", "quantize", "qat", "benchmark", "report")
 
 
 @dataclass(frozen=True)

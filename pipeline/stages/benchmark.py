@@ -42,6 +42,17 @@ def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
             idx = torch.arange(bs) % len(xv)
             latency[str(bs)] = measure_latency(load_torchscript(path), normalize(xv[idx], **n),
                                                warmup=cfg["warmup"], iterations=cfg["iterations"])
+        fallback = producer.get("fallback")
+        if fallback and "all_int8" in producer["outputs"]:  # what keeping layers fp32 costs, timed alike
+            all_int8 = ctx.fetch(producer["outputs"]["all_int8"], "all-int8.ts")
+            base = {}
+            for bs in cfg["batch_sizes"]:
+                ctx.progress(0.95, f"all-int8 latency at batch {bs}")
+                idx = torch.arange(bs) % len(xv)
+                base[str(bs)] = measure_latency(load_torchscript(all_int8), normalize(xv[idx], **n),
+                                                warmup=cfg["warmup"], iterations=cfg["iterations"])["p50_ms"]
+            fallback = {**fallback, "latency_ms_p50_all_int8": {bs: round(v, 4) for bs, v in base.items()},
+                        "latency_cost_ms": {bs: round(latency[bs]["p50_ms"] - base[bs], 4) for bs in base}}
     artifact = ctx.store.copy(ArtifactRef.from_dict(model_ref), f"{ctx.prefix}/model.ts")
     return {
         "name": cfg["variant"],
@@ -64,6 +75,8 @@ def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "fp32_layers": producer.get("fp32_layers"),
         "layers": producer.get("layers", []),
         "history": producer.get("history", []),
+        **({"sensitivity": producer["sensitivity"]} if producer.get("sensitivity") else {}),
+        **({"fallback": fallback} if fallback else {}),
         "produced_by": {"stage": producer["stage"], "key": producer["key"], "model_sha256": model_ref["sha256"]},
         "spec_sha256": ctx.extra.get("spec_sha256"),
         "outputs": {"model": artifact.to_dict()},

@@ -3,44 +3,102 @@ dynamic quantization, and record which layers run in int8.
 
 A static variant chooses its activation ranges from the stored statistics with its observer
 (and percentile), and with ``bias_correction`` shifts each int8 layer's bias by its mean output
-error against fp32 on the calibration images (``pipeline.quant.correct_bias``)."""
+error against fp32 on the calibration images (``pipeline.quant.correct_bias``).
+
+With ``sensitivity`` the stage joins the parts of the per-layer sensitivity analysis (the
+``sensitivity_*`` inputs) into one ranking. With ``fallback: auto`` it then keeps the most
+sensitive layers in fp32, fewest first, until the top-1 drop on the validation split is within
+``accuracy_budget`` (``pipeline.sensitivity.search_fallback``), and stores the all-int8 model
+next to the result so the benchmark can measure what the kept layers cost in latency."""
 
 from __future__ import annotations
 
-import torch
+import logging
 
+from pipeline.errors import StageError
 from pipeline.quant import (
     BIAS_CORRECTION_IMAGES,
-    convert_static,
+    convert_calibrated,
     correct_bias,
     count_layers,
     export_torchscript,
     layer_table,
     quantize_dynamic,
 )
+from pipeline.sensitivity import logits_of, rank, search_fallback, top1
 from pipeline.stages import StageContext, register
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
+from pipeline.stages.sensitivity import calibrated_model, validation
 from pipeline.train import normalize
+
+log = logging.getLogger(__name__)
+
+
+def join_sensitivity(inputs: dict, parts: int) -> dict:
+    """The parts of the sensitivity analysis (``pipeline.stages.sensitivity``) as one ranking."""
+    got = [inputs[f"sensitivity_{i}"] for i in range(parts)]
+    for key in ("fp32_accuracy", "int8_accuracy"):
+        if len({g[key] for g in got}) != 1:
+            raise StageError(f"the sensitivity parts disagree on {key} ({sorted({g[key] for g in got})}): "
+                             "they should all see the same calibration and model; rerun the variant")
+    rows = [r for g in got for r in g["layers"]]
+    return {"fp32_accuracy": got[0]["fp32_accuracy"], "int8_accuracy": got[0]["int8_accuracy"],
+            "int8_sqnr_db": got[0]["int8_sqnr_db"], "val_images": got[0]["val_images"], "parts": parts,
+            "method": "each layer alone in int8 (drop_top1, sqnr_db); all but that layer in int8 (all_but_*)",
+            "ranking": rank(rows, got[0]["int8_accuracy"])}
 
 
 @register("quantize", version=1, queue="cpu")
 def quantize(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     data, fp32 = inputs["data"], inputs["model"]
-    model = load_fp32(ctx, fp32, data)
     example = example_input(data)
     extra: dict = {}
+    outputs: dict = {}
     if cfg["method"] == "static":
-        path = ctx.fetch(inputs["calibration"]["outputs"]["observers"], "observers.pt")
-        observers = torch.load(path, weights_only=True)
-        qmodel = convert_static(model, example, observers, observer=cfg["observer"], per_channel=cfg["per_channel"],
-                                backend=cfg["backend"], arch=cfg["arch"], percentile=cfg.get("percentile"))
+        model, observed = calibrated_model(ctx, cfg, inputs)
+        calib_x = None
         if cfg.get("bias_correction"):
-            ctx.progress(0.4, "bias correction")
-            x = load_split(ctx, data, "calib")[0][:BIAS_CORRECTION_IMAGES]
-            extra["bias_correction"] = correct_bias(qmodel, model, normalize(x, **norm(data)))
+            calib_x = normalize(load_split(ctx, data, "calib")[0][:BIAS_CORRECTION_IMAGES], **norm(data))
+
+        def convert(kept: list[str]):
+            q = convert_calibrated(observed, kept)
+            if calib_x is not None:
+                return q, correct_bias(q, model, calib_x)
+            return q, None
+
+        kept: list[str] = []
+        if cfg.get("sensitivity"):
+            extra["sensitivity"] = join_sensitivity(inputs, cfg["sensitivity"])
+        if cfg.get("fallback") == "auto":
+            x, y = validation(ctx, data)
+
+            def accuracy_of(layers: list[str]) -> float:
+                ctx.check_cancelled(every=0.0)
+                ctx.images(len(y), "eval")
+                return top1(logits_of(convert(layers)[0], x), y)
+
+            def on_try(k: int, total: int) -> None:
+                ctx.progress(0.6 * k / max(total, 1), f"fallback: {k} most sensitive layer(s) kept fp32")
+
+            fb = search_fallback(extra["sensitivity"]["ranking"], accuracy_of,
+                                 fp32_accuracy=extra["sensitivity"]["fp32_accuracy"], budget=cfg["accuracy_budget"],
+                                 on_try=on_try)
+            kept = fb["kept_fp32"]
+            extra["fallback"] = fb
+            (log.info if fb["met"] else log.warning)("%s fallback: %s", cfg["variant"], fb["message"])
+        if calib_x is not None:
+            ctx.progress(0.7, "bias correction")
+        qmodel, bias = convert(kept)
+        if bias is not None:
+            extra["bias_correction"] = bias
+        if kept:  # the all-int8 model too, so the benchmark can measure what the fallback costs
+            ctx.progress(0.8, "exporting the all-int8 TorchScript")
+            path = export_torchscript(convert([])[0], example, ctx.workdir / "all-int8.ts")
+            outputs["all_int8"] = ctx.put("all-int8.ts", path)
     else:
+        model = load_fp32(ctx, fp32, data)
         qmodel = quantize_dynamic(model, example, backend=cfg["backend"], arch=cfg["arch"])
-    ctx.progress(0.7, "exporting TorchScript")
+    ctx.progress(0.9, "exporting TorchScript")
     rows = layer_table(qmodel)
     int8, fp = count_layers(rows)
     path = export_torchscript(qmodel, example, ctx.workdir / "model.ts")
@@ -54,5 +112,5 @@ def quantize(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "fp32_layers": fp,
         "format": "torchscript",
         **extra,
-        "outputs": {"model": ctx.put("model.ts", path)},
+        "outputs": {"model": ctx.put("model.ts", path), **outputs},
     }
