@@ -21,8 +21,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # file names of the pictures, next to report.md and report.html
-FILES = {"accuracy_latency": "accuracy-latency.png", "size": "size.png", "training": "training.png"}
-TITLES = {"accuracy_latency": "Accuracy vs latency", "size": "Size per variant", "training": "Training curves"}
+FILES = {"accuracy_latency": "accuracy-latency.png", "size": "size.png", "training": "training.png",
+         "sensitivity": "sensitivity.png"}
+TITLES = {"accuracy_latency": "Accuracy vs latency", "size": "Size per variant", "training": "Training curves",
+          "sensitivity": "Layer sensitivity"}
+SENSITIVITY_LAYERS = 20  # the most sensitive layers drawn per variant
+SENSITIVITY_VARIANTS = 4  # variants drawn (the report's table lists every one)
 DPI = 100
 SIZES_IN = {"accuracy_latency": (7.0, 4.6), "training": (9.0, 3.6)}  # the size plot grows with its bars
 PNG_METADATA = {"Software": None}  # no version string, so the bytes depend on the drawing only
@@ -189,11 +193,59 @@ def training(history: dict[str, list[dict[str, Any]]]) -> Any | None:
     return fig
 
 
+def sensitivity_groups(summary: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
+    """Variants with a sensitivity analysis, those with the same analysis (the same calibration
+    and conversion: the plan shares their parts) grouped: [(names, first such variant)]."""
+    groups: list[tuple[list[str], dict[str, Any]]] = []
+    for v in summary.get("variants", []):
+        if not v.get("sensitivity"):
+            continue
+        same = next((g for g in groups if g[1]["sensitivity"] == v["sensitivity"]), None)
+        if same:
+            same[0].append(str(v["name"]))
+            if v.get("fallback") and not same[1].get("fallback"):
+                groups[groups.index(same)] = (same[0], v)  # show what the fallback kept
+        else:
+            groups.append(([str(v["name"])], v))
+    return groups
+
+
+def sensitivity(summary: dict[str, Any]) -> Any | None:
+    """For each sensitivity analysis, its most sensitive layers, most sensitive on top: the top-1
+    drop with the layer alone in int8 (left) and the logits' SQNR against fp32 (right, lower is
+    worse). Layers that ``fallback: auto`` kept in fp32 are red."""
+    groups = sensitivity_groups(summary)[:SENSITIVITY_VARIANTS]
+    if not groups:
+        return None
+    shown = [v["sensitivity"]["ranking"][:SENSITIVITY_LAYERS] for _, v in groups]
+    fig = _figure(9.0, 0.9 + sum(0.22 * len(r) + 0.5 for r in shown))
+    grid = fig.add_gridspec(len(groups), 2, height_ratios=[len(r) + 2 for r in shown])
+    for i, ((names, v), ranking) in enumerate(zip(groups, shown, strict=True)):
+        kept = set((v.get("fallback") or {}).get("kept_fp32", []))
+        colours = [SELECTED_COLOUR if r["layer"] in kept else VARIANT_COLOUR for r in ranking]
+        ys = list(range(len(ranking)))
+        drop_ax, sqnr_ax = fig.add_subplot(grid[i, 0]), fig.add_subplot(grid[i, 1])
+        drop_ax.barh(ys, [100 * r["drop_top1"] for r in ranking], color=colours, height=0.6)
+        sqnr_ax.barh(ys, [r["sqnr_db"] if r["sqnr_db"] is not None else 0.0 for r in ranking], color=colours,
+                     height=0.6)
+        drop_ax.set_yticks(ys, labels=[f"{r['rank']}. {r['layer']}" for r in ranking], fontsize=7)
+        sqnr_ax.set_yticks(ys, labels=[""] * len(ys))
+        for ax in (drop_ax, sqnr_ax):
+            ax.invert_yaxis()
+            ax.grid(True, axis="x", alpha=0.3)
+            ax.tick_params(axis="x", labelsize=7)
+        drop_ax.set_title(f"{', '.join(names)}: top-1 drop alone in int8 (points)", fontsize=9)
+        sqnr_ax.set_title("logit SQNR vs fp32 (dB, lower is worse)" + ("; red: kept fp32" if kept else ""),
+                          fontsize=9)
+    return fig
+
+
 # kind -> a function of the summary returning a matplotlib Figure, or None when there is nothing to draw
 DRAW: dict[str, Callable[[dict[str, Any]], Any | None]] = {
     "accuracy_latency": accuracy_latency,
     "size": sizes,
     "training": lambda summary: training(summary.get("history") or {}),
+    "sensitivity": sensitivity,
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from pipeline.plots import FILES, TITLES, selection_batch
+from pipeline.plots import FILES, TITLES, selection_batch, sensitivity_groups
 
 
 def entry(bench: dict[str, Any]) -> dict[str, Any]:
@@ -28,6 +28,7 @@ def entry(bench: dict[str, Any]) -> dict[str, Any]:
         "sha256": bench["outputs"]["model"]["sha256"],
         "format": bench["format"],
         "manifest": bench.get("manifest_uri"),
+        **{k: bench[k] for k in ("sensitivity", "fallback") if bench.get(k)},
     }
 
 
@@ -82,6 +83,9 @@ CAPTIONS = {
                         "is the accuracy budget below the fp32 baseline, and the ringed point is the selected "
                         "variant: the fastest one above that line.",
     "size": "Size of each deployable artifact (the TorchScript file that users load).",
+    "sensitivity": "Each layer measured alone in int8 (every other layer fp32) on the validation split: the top-1 "
+                   "it loses and the SQNR of the logits against fp32. The most sensitive layers come first; red "
+                   "bars are the layers the accuracy-budget fallback kept in fp32.",
     "training": "Loss and accuracy per epoch on the training split (solid) and the validation split (dashed), "
                 "for the fp32 fine-tuning and each QAT variant.",
 }
@@ -116,6 +120,48 @@ def _caption(kind: str, summary: dict[str, Any]) -> str:
     if missing and kind != "training":
         text += f" Not shown (no result): {', '.join(missing)}."
     return text
+
+
+SENSITIVITY_ROWS = 10  # layers listed per variant in the report's sensitivity table
+
+
+def _ms(value: float) -> str:
+    return f"{value:+.2f} ms"
+
+
+def sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report's sections about layers, as (title, paragraphs, table rows with a header):
+    what the accuracy-budget fallback did for each variant that asked for it, and each sensitivity
+    analysis's most sensitive layers. Plain text: the Markdown and HTML writers escape it."""
+    out = []
+    fallbacks = [v for v in summary.get("variants", []) if v.get("fallback")]
+    if fallbacks:
+        text = []
+        rows = [["variant", "budget met", "kept fp32", "top-1 drop", "layers tried"] +
+                [f"latency cost @{b}" for b in summary.get("batch_sizes", [])]]
+        for v in fallbacks:
+            fb = v["fallback"]
+            text.append(f"{v['name']}: {fb['message']}." + (f" Kept in fp32: {', '.join(fb['kept_fp32'])}."
+                                                             if fb["kept_fp32"] else ""))
+            cost = fb.get("latency_cost_ms") or {}
+            rows.append([v["name"], "yes" if fb["met"] else "NO", str(len(fb["kept_fp32"])), f"{fb['drop']:+.4f}",
+                         str(len(fb["tried"]))] +
+                        [_ms(cost[str(b)]) if str(b) in cost else "-" for b in summary.get("batch_sizes", [])])
+        text.append("Latency cost: the variant's p50 minus that of the same model with every layer int8, both "
+                    "timed by the benchmark stage in the same task.")
+        out.append(("Accuracy-budget fallback", text, rows))
+    for names, v in sensitivity_groups(summary):
+        sens = v["sensitivity"]
+        rows = [["rank", "layer", "top-1 drop alone", "SQNR alone (dB)", "top-1 recovered if kept fp32"]]
+        rows += [[str(r["rank"]), r["layer"], f"{r['drop_top1']:+.4f}",
+                  "exact" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}", f"{r['recovered_top1']:+.4f}"]
+                 for r in sens["ranking"][:SENSITIVITY_ROWS]]
+        text = [f"{len(sens['ranking'])} layers measured in {sens['parts']} parts on {sens['val_images']} validation "
+                f"images: fp32 top-1 {sens['fp32_accuracy']:.4f}, all int8 {sens['int8_accuracy']:.4f}. "
+                f"The {min(SENSITIVITY_ROWS, len(sens['ranking']))} most sensitive are listed; the variant's "
+                "benchmark manifest holds every layer."]
+        out.append((f"Layer sensitivity: {', '.join(names)}", text, rows))
+    return out
 
 
 # ------------------------------------------------------------------------------------ Markdown
@@ -154,6 +200,10 @@ def markdown(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
     if summary.get("failures"):
         out += ["## Failures", ""] + [f"- {_code(f['stage'])} ({_cell(f.get('variant') or '-')}): {_cell(f['error'])}"
                                       for f in summary["failures"]] + [""]
+    for title, text, rows in sections(summary):
+        out += [f"## {_cell(title)}", ""] + [_cell(t) + "\n" for t in text]
+        out += ["| " + " | ".join(_cell(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows[1:]] + [""]
     names, matrix = layer_matrix(layers)
     if names:
         counts = [_counts(layers[n]) for n in names]
@@ -249,6 +299,12 @@ def html_page(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
         out += [f"<li><code>{_e(f['stage'])}</code> ({_e(f.get('variant') or '-')}): "
                 f'<span class="error">{_e(f["error"])}</span></li>' for f in summary["failures"]]
         out.append("</ul>")
+    for title, text, rows in sections(summary):
+        out.append(f"<h2>{_e(title)}</h2>")
+        out += [f"<p>{_e(t)}</p>" for t in text]
+        out.append("<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in rows[0]) + "</tr></thead><tbody>")
+        out += ["<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]
+        out.append("</tbody></table>")
     names, matrix = layer_matrix(layers)
     if names:
         counts = [_counts(layers[n]) for n in names]

@@ -54,13 +54,27 @@ def epochs(n: int, start_loss: float, start_acc: float) -> list[dict]:
             for i in range(1, n + 1)]
 
 
+def sensitivity_rows(names: list[str]) -> list[dict]:
+    return [{"layer": n, "index": i, "rank": i + 1, "drop_top1": 0.05 / (i + 1), "sqnr_db": 5.0 + 10 * i,
+             "all_but_top1": 0.95, "all_but_sqnr_db": 20.0, "recovered_top1": 0.01 / (i + 1)}
+            for i, n in enumerate(names)]
+
+
 def make_summary() -> dict:
-    """A run with four measured variants, one failed variant, fp32 and QAT training curves."""
+    """A run with four measured variants (one with a sensitivity analysis and the fallback), one
+    failed variant, fp32 and QAT training curves."""
     base = bench_row("fp32", "fp32", 0.96, 5.5, 44_700_000, None, None)
+    histogram = bench_row("ptq-histogram", "static", 0.962, 2.4, 11_300_000, 20, 1)
+    histogram["sensitivity"] = {"ranking": sensitivity_rows([HOSTILE["layer"], "conv1", "fc"]), "parts": 2,
+                                "val_images": 20, "fp32_accuracy": 0.96, "int8_accuracy": 0.94}
+    histogram["fallback"] = {"mode": "auto", "budget": 0.01, "met": True, "kept_fp32": [HOSTILE["layer"]],
+                             "drop": -0.002, "tried": [{"kept": 0}, {"kept": 1}],
+                             "message": "within the budget of 0.0100 with 1 layer(s) kept in fp32",
+                             "latency_cost_ms": {"1": 0.25, "8": 1.5}}
     return {
         "run_id": "demo-1234", "name": "demo", "status": "FAILED", "baseline": base,
         "variants": [bench_row("ptq-minmax", "static", 0.958, 2.3, 11_300_000),
-                     bench_row("ptq-histogram", "static", 0.962, 2.4, 11_300_000),
+                     histogram,
                      bench_row("dynamic", "dynamic", 0.96, 4.8, 44_690_000, 1, 20),
                      bench_row("qat", "qat", 0.94, 2.2, 11_300_000),
                      {"name": "broken", "method": "static", "accuracy_top1": None, "status": "FAILED"}],
@@ -186,7 +200,7 @@ def test_a_plot_that_fails_is_reported_and_the_others_are_drawn(tmp_path: Path) 
     s["baseline"]["latency_ms_p50"]["1"] = "not measured"
     drawn, errors = render_all(s, tmp_path)
     assert set(errors) == {"accuracy_latency"} and "ValueError" in errors["accuracy_latency"]
-    assert set(drawn) == {"size", "training"} and not (tmp_path / FILES["accuracy_latency"]).exists()
+    assert set(drawn) == {"size", "training", "sensitivity"} and not (tmp_path / FILES["accuracy_latency"]).exists()
 
 
 # ------------------------------------------------------------------------------ the documents
@@ -315,7 +329,8 @@ def test_report_stage_stores_html_and_pictures_next_to_the_markdown(stage_run: d
     store, s, manifest = stage_run["store"], stage_run["summary"], stage_run["manifest"]
     print(f"report stage: {stage_run['seconds']:.2f}s")
     assert s["status"] == "FAILED" and s["selected"] == "ptq-a"  # ptq-b is faster but outside the budget
-    assert set(s["plots"]) == set(FILES) and "plot_errors" not in s
+    # no variant of this run has a sensitivity analysis (tests/test_sensitivity.py draws one)
+    assert set(s["plots"]) == set(FILES) - {"sensitivity"} and "plot_errors" not in s
     folder = "runs/demo-1"
     assert s["report"] == store.url(f"{folder}/report.md") and s["report_html"] == store.url(f"{folder}/report.html")
     for kind, uri in s["plots"].items():
@@ -327,7 +342,7 @@ def test_report_stage_stores_html_and_pictures_next_to_the_markdown(stage_run: d
     assert manifest["outputs"]["report_html"]["uri"] == s["report_html"]
     page = store.get_bytes(f"{folder}/report.html").decode()
     srcs = set(re.findall(r'<img src="([^"]+)"', page))
-    assert srcs == set(FILES.values()) and all(store.exists(f"{folder}/{src}") for src in srcs)
+    assert srcs == {FILES[k] for k in s["plots"]} and all(store.exists(f"{folder}/{src}") for src in srcs)
     assert html.escape(HOSTILE["error"]) in page and HOSTILE["error"] not in page
     md = store.get_bytes(f"{folder}/report.md").decode()
     assert "](training.png)" in md and "gone" in md
@@ -398,13 +413,14 @@ def test_report_html_renders_in_headless_chromium(stage_run: dict, tmp_path: Pat
     result = json.loads(html.unescape(m.group(1)))
     intact, broken = result["intact"], result["broken"]
     assert "error" not in intact and "error" not in broken, result
-    want = {f: png_info((src / f).read_bytes()) for f in FILES.values()}
-    assert sorted(i["src"] for i in intact["images"]) == sorted(FILES.values())
+    drawn = [FILES[k] for k in stage_run["summary"]["plots"]]
+    want = {f: png_info((src / f).read_bytes()) for f in drawn}
+    assert sorted(i["src"] for i in intact["images"]) == sorted(drawn)
     for img in intact["images"]:
         assert img["complete"] and img["width"] == want[img["src"]]["width"], img
         assert img["height"] == want[img["src"]]["height"], img
     loaded = {i["src"]: i["width"] > 0 for i in broken["images"]}
-    assert loaded == {f: f != FILES["size"] for f in FILES.values()}
+    assert loaded == {f: f != FILES["size"] for f in drawn}
     # hostile names are text, not elements or handlers, and nothing ran
     assert set(intact["tags"]) <= ALLOWED_TAGS, intact["tags"]
     assert intact["handlers"] == [] and intact["title"] == "qpipe report: demo"

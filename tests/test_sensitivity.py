@@ -135,3 +135,19 @@ def test_sensitivity_options_are_refused_where_they_do_not_apply() -> None:
         assert f"{word} only applies to method: static" in str(err.value)
     spec = parse_spec(base | {"quantize": {"variants": [{"name": "f", "method": "static", "fallback": "auto"}]}})
     assert spec.quantize.variants[0].sensitivity is True
+
+
+def test_report_ranks_the_layers_and_shows_what_the_fallback_kept(outcome: Outcome) -> None:
+    summary = outcome.summary
+    assert "sensitivity" in summary["plots"] and not summary.get("plot_errors")
+    png = outcome.store.get_bytes(outcome.store.key_of(summary["plots"]["sensitivity"]))
+    assert png.startswith(b"\x89PNG")
+    kept = outcome.variants["minmax-fallback"]["fallback"]["kept_fp32"]
+    md = outcome.store.get_bytes(outcome.store.key_of(summary["report"])).decode()
+    assert "## Accuracy-budget fallback" in md and "![Layer sensitivity](sensitivity.png)" in md
+    assert f"Kept in fp32: {', '.join(kept)}." in md
+    assert "## Layer sensitivity: minmax, minmax-fallback" in md  # one analysis, shared
+    first = outcome.variants["minmax"]["sensitivity"]["ranking"][0]["layer"]
+    assert f"| 1 | {first} |" in md
+    page = outcome.store.get_bytes(outcome.store.key_of(summary["report_html"])).decode()
+    assert "<h2>Accuracy-budget fallback</h2>" in page and f"<td>{first}</td>" in page
