@@ -1,10 +1,11 @@
 """Horizontal scaling and Flower, with real parts: the session's Valkey, S3 and workers plus a
 second cpu worker and a real Flower process, all on loopback.
 
-One pipeline whose variants fan out runs while two cpu-queue workers are up: its branch stages
-must have run on both of them, and Flower (started before the run, fed by the workers' task
-events) must list the run's tasks under their qpipe names, with the run id and stage in the
-arguments and no credentials."""
+One pipeline whose variants fan out (one with ``fallback: auto``, whose sensitivity analysis
+is a chord of parts inside the fan-out) runs while two cpu-queue workers are up: its branch
+stages and its sensitivity parts must have run on both of them, the join after every part, and
+Flower (started before the run, fed by the workers' task events) must list the run's tasks under
+their qpipe names, with the run id and stage in the arguments and no credentials."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from workers.embedded import WorkerProcess
 from workers.servers import ServerProcess, free_ports
 
 pytestmark = pytest.mark.integration
+PARTS = 4
 
 
 class FlowerProcess(ServerProcess):
@@ -83,6 +85,9 @@ def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s
         spec["name"] = "digits-scale"
         spec["seed"] = 11  # a key of its own: nothing from other tests' runs is reused
         spec["quantize"]["variants"] = [v for v in spec["quantize"]["variants"] if v["method"] != "qat"]
+        # its sensitivity analysis fans out in PARTS tasks joined by its quantize stage (a chord)
+        spec["quantize"]["variants"][0]["fallback"] = "auto"
+        spec["quantize"]["sensitivity_parts"] = PARTS
         handle = Client(cluster["broker"], cluster["store"]).submit(spec)
         summary = handle.wait(timeout=600, poll=0.5)
         assert summary["status"] == "SUCCESS", summary
@@ -91,6 +96,13 @@ def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s
         per_worker = Counter(s["worker"] for s in branch)
         cpu_nodes = {cluster["workers"][0].node, second.node}
         assert set(per_worker) == cpu_nodes, f"branch stages per worker: {dict(per_worker)}"
+        parts = [s for s in summary["stages"] if s["stage"] == "sensitivity"]
+        assert len(parts) == PARTS and all(s["state"] == "done" for s in parts), parts
+        assert {s["worker"] for s in parts} == cpu_nodes, f"sensitivity parts per worker: {parts}"
+        join = next(s for s in summary["stages"] if s["id"] == "quantize:ptq-minmax")
+        assert join["started"] >= max(s["finished"] for s in parts), (join, parts)  # ran after every part
+        fallback = next(v for v in summary["variants"] if v["name"] == "ptq-minmax")["fallback"]
+        assert fallback["met"] is True and len(fallback["tried"]) == len(fallback["kept_fp32"]) + 1, fallback
 
         seen: list[dict] = []
 
@@ -107,6 +119,7 @@ def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s
         names = Counter(t["name"] for t in tasks)
         assert names["qpipe.finetune"] == 1 and names["qpipe.report"] == 1, names
         assert names["qpipe.benchmark"] == 4 and names["qpipe.calibrate"] == 2, names
+        assert names["qpipe.sensitivity"] == PARTS, names
         assert {t["worker"] for t in tasks if t["name"] == "qpipe.benchmark"} <= cpu_nodes
         blob = json.dumps(tasks)
         assert s3_env["QPIPE_S3_SECRET_KEY"] not in blob and s3_env["QPIPE_S3_ACCESS_KEY"] not in blob

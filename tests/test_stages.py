@@ -173,6 +173,7 @@ def _with(path: str, value: object) -> dict:
 
 
 # (dotted path in the spec, new value, the node ids whose key must NOT change)
+SENSITIVITY = {f"sensitivity:ptq-minmax:{i}" for i in range(4)}  # ptq-minmax's parts (fallback: auto)
 CHANGES = [
     ("seed", 1, set()),
     ("data.image_size", 32, set()),
@@ -187,14 +188,15 @@ CHANGES = [
     ("quantize.variants.3.lr", 0.002,
      {"ingest", "finetune", "calibrate:minmax", "calibrate:histogram", "quantize:ptq-minmax",
       "quantize:ptq-histogram", "quantize:dynamic", "benchmark:fp32", "benchmark:ptq-minmax",
-      "benchmark:ptq-histogram", "benchmark:dynamic"}),
+      "benchmark:ptq-histogram", "benchmark:dynamic"} | SENSITIVITY),
     ("benchmark.iterations", 7,
      {"ingest", "finetune", "calibrate:minmax", "calibrate:histogram", "quantize:ptq-minmax",
-      "quantize:ptq-histogram", "quantize:dynamic", "qat:qat"}),
+      "quantize:ptq-histogram", "quantize:dynamic", "qat:qat"} | SENSITIVITY),
+    # the budget is a selection setting, and the fallback's target: ptq-minmax searches again
     ("benchmark.accuracy_budget", 0.5, {
-        "ingest", "finetune", "calibrate:minmax", "calibrate:histogram", "quantize:ptq-minmax",
-        "quantize:ptq-histogram", "quantize:dynamic", "qat:qat", "benchmark:fp32", "benchmark:ptq-minmax",
-        "benchmark:ptq-histogram", "benchmark:dynamic", "benchmark:qat"}),
+        "ingest", "finetune", "calibrate:minmax", "calibrate:histogram",
+        "quantize:ptq-histogram", "quantize:dynamic", "qat:qat", "benchmark:fp32",
+        "benchmark:ptq-histogram", "benchmark:dynamic", "benchmark:qat"} | SENSITIVITY),
 ]
 
 

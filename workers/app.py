@@ -31,6 +31,7 @@ STAGE_QUEUES = {
     "ingest": "cpu",
     "finetune": "gpu",
     "calibrate": "cpu",
+    "sensitivity": "cpu",
     "quantize": "cpu",
     "qat": "gpu",
     "benchmark": "cpu",
