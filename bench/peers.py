@@ -107,6 +107,7 @@ from pipeline.bench import threads  # noqa: E402
 from pipeline.plan import build_plan  # noqa: E402
 from pipeline.quant import load_torchscript, set_engine  # noqa: E402
 from pipeline.runner import prepare_sources, run_in_process  # noqa: E402
+from pipeline.runtimes import OrtRunner, OvRunner  # noqa: E402
 from pipeline.spec import load_spec  # noqa: E402
 from pipeline.stages import StageContext, manifest_key  # noqa: E402
 from pipeline.stages.common import example_input, load_fp32, load_split, norm  # noqa: E402
@@ -352,50 +353,6 @@ def quantize_nncf(model: torch.nn.Module, example: tuple[torch.Tensor, ...], out
     ov.save_model(q, str(out_xml), compress_to_fp16=False)
     return fp32_ov, {"api": "nncf.quantize", "subset_size": len(items), "preset": "default (performance for CNNs)",
                      "fast_bias_correction": True, "converted_by": "openvino.convert_model"}
-
-
-class OrtRunner:
-    """An ONNX Runtime CPU session as ``logits = runner(x)`` on torch tensors."""
-
-    def __init__(self, path: Path, n_threads: int) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = n_threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input: x.contiguous().numpy()})[0])
-
-
-class OvRunner:
-    """An OpenVINO model on the CPU plugin as ``logits = runner(x)``: compiled once per input
-    shape with that static shape (what a deployment with a fixed batch does)."""
-
-    def __init__(self, model: Any, n_threads: int) -> None:
-        import openvino as ov
-
-        self.core = ov.Core()
-        self.model = self.core.read_model(str(model)) if isinstance(model, Path) else model
-        self.config = {"INFERENCE_NUM_THREADS": n_threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
-        self.requests: dict[tuple[int, ...], Any] = {}
-        self.precision: str | None = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = tuple(x.shape)
-        req = self.requests.get(shape)
-        if req is None:
-            m = self.model.clone()
-            m.reshape(list(shape))
-            compiled = self.core.compile_model(m, "CPU", self.config)
-            self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-            req = self.requests[shape] = compiled.create_infer_request()
-        req.infer({0: x.contiguous().numpy()}, share_inputs=True)
-        return torch.from_numpy(req.get_output_tensor(0).data.copy())
 
 
 def onnx_layers(path: Path) -> dict[str, int]:

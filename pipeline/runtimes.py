@@ -1,0 +1,413 @@
+"""qpipe's static int8 model outside PyTorch: exported as an ONNX QDQ model, and run by
+TorchScript, ONNX Runtime or OpenVINO behind one callable.
+
+The export
+    ``export_onnx_qdq`` writes the int8 model that ``pipeline.quant.convert_calibrated`` makes
+    from the same calibrated (observed) model: float Conv/Gemm/Add/MaxPool/ReduceMean with a
+    DequantizeLinear on every int8 weight (int8 initializers, per channel or per tensor as
+    calibrated) and QuantizeLinear -> DequantizeLinear on every activation the FX model
+    quantizes, with the same scales and zero points. Layers kept fp32 keep float weights.
+
+    The route: ``_convert_to_reference_decomposed_fx``, with ``static_mapping(observed,
+    keep_fp32)``, turns the observed graph into a float graph of ``quantized_decomposed``
+    quantize/dequantize ops, the graph ``convert_fx`` would make int8.
+    ``torch.onnx.export(dynamo=True)`` maps those ops to QuantizeLinear/DequantizeLinear
+    (onnxscript's torchlib). Two passes over the ONNX graph follow, and four details make the
+    file the FX model rather than an approximation of it:
+
+    * the int8 weights are written as tensors (``_fold_weight_quantization``), computed by
+      ``torch.quantize_per_channel`` / ``torch.quantize_per_tensor`` as ``convert_fx`` computes
+      them. Left to the runtime, QuantizeLinear computes ``round(w / scale)`` where torch computes
+      ``round(w * (1 / scale))``. The two differ on weights within one float rounding of a half
+      step (9 of conv1's 9,408 in a test ResNet18), and an int8 network amplifies that layer by
+      layer: mean |logit difference| from the FX model 0.44 output steps instead of 0.03;
+    * activations saturate at 255. The x86 engine's 7-bit activation range (``reduce_range``)
+      only sets the scale; its kernels saturate at 255, as a uint8 QuantizeLinear does. The
+      reference graph clamps at 127: on inputs three times the calibration range its logits
+      are 15 output steps from the FX model's on average, the exported model's 0.05. torchlib
+      drops that clamp, which is what the kernels do;
+    * torchlib maps only the ``.default`` overloads of the per-tensor ops (Python scalars for
+      scale and zero point). Per-tensor weights use the ``.tensor`` overloads, so
+      ``_translations`` maps those too;
+    * ONNX Runtime quantizes the float weight of any Conv/Gemm whose input comes from a
+      per-tensor DequantizeLinear (its WeightBiasQuantization transformer; per-tensor int8).
+      That would quantize every layer kept fp32, so ``_shield_float_layers`` gives each one an
+      input requantized per channel with the same values.
+
+    The input is named ``input``, with a dynamic batch dimension; the output is ``logits``; the
+    opset is ``OPSET``. ``biases`` replaces layers' biases before the export: bias correction
+    (``pipeline.quant.correct_bias``) changes the converted int8 model only, and
+    ``int8_biases`` reads its biases back.
+
+How closely it matches the FX int8 model
+    Measured on ResNet18 trained for 2 epochs on the digits at 32x32, minmax, per-channel, on
+    359 held-out images. The logits are int8 values one output step (``fc.scale``, 0.24) apart.
+    ``tests/test_runtimes.py`` checks these figures:
+
+    * run as written (ONNX Runtime with graph optimizations off: float ops between Q and DQ):
+      at most 2 steps from the FX model, 0.025 step on average, top-1 the same on all images;
+    * ONNX Runtime with every optimization (CPUExecutionProvider) fuses DQ -> Conv (-> Relu) ->
+      Q into QLinearConv (20), the fc into QGemm and each residual Add into QLinearAdd (8), and
+      runs uint8 x int8 throughout. QLinearConv takes its bias as int32 at scale x_scale *
+      w_scale, and ONNX Runtime rounds every float bias to that grid, where the FX kernels add
+      it in float. About 2 in 10,000 outputs of a layer land one step apart, and the steps
+      multiply through the network: at most 3 steps from FX, 0.38 on average, top-1 the same on
+      99.7 % (97.7-99.2 % for six observer, weight and kept-fp32 choices on a less accurate
+      model, 0.88 top-1). The FX model is itself 0.50 step from fp32 on average;
+    * OpenVINO (CPU plugin, reading the .onnx) turns the Q/DQ pairs into FakeQuantize and runs
+      all 20 Convolutions and the FullyConnected layer in u8 (``runtimePrecision``): at most 3
+      steps from FX, 0.50 on average, top-1 the same as ONNX Runtime's on 99.4 %. Its float
+      parts run at the plugin's default precision (bf16 on CPUs with AMX, as here;
+      ``OvRunner.precision``), layers kept fp32 included;
+    * at 64x64 (2 epochs): top-1 the same as FX on 98.6 % (ONNX Runtime) and 99.2 % (OpenVINO)
+      of the images; top-1 accuracy fp32 0.950, FX 0.953, ONNX Runtime and OpenVINO 0.950.
+
+Latency
+    ResNet18 int8, 10 classes, 64x64, one thread, p50 on a 2-vCPU Xeon with AVX-512 VNNI and
+    AMX, a fresh runner per batch size: FX TorchScript 1.14 ms at batch 1 and 10.8 ms at batch
+    32; ONNX Runtime 0.91 and 18.7 ms (its QLinearConv takes 18.5 of those 18.7 ms at batch
+    32); OpenVINO 0.85 and 10.6 ms.
+
+Runners
+    ``load_runner(runtime, path, threads=..., batch_size=...)`` returns ``logits = runner(x)``
+    on float NCHW torch tensors for each of ``RUNTIMES``; ``missing(runtime)`` says whether its
+    package is installed (the ``peers`` extra). onnx, onnxscript, onnxruntime and openvino are
+    imported only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError, StageError
+from pipeline.quant import load_torchscript, quantizable_layers, quiet, static_mapping
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("torchscript", "onnxruntime", "openvino")
+RUNTIME_PACKAGE = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # torchscript needs only torch
+EXPORT_PACKAGES = ("onnx", "onnxscript")
+INSTALL_HINT = "pip install 'qpipe[peers]'"
+OPSET = 18  # the opset torchlib writes its quantized_decomposed functions against
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+# ------------------------------------------------------------------------------------ biases
+
+def int8_biases(qmodel: nn.Module) -> dict[str, torch.Tensor]:
+    """The float bias of every int8 conv and linear layer of a converted static model
+    (``convert_calibrated``, possibly bias-corrected), by layer name: what ``biases`` of
+    ``export_onnx_qdq`` takes."""
+    import torch.ao.nn.quantized as nnq
+
+    return {name: m.bias().detach().clone() for name, m in qmodel.named_modules()
+            if isinstance(m, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear)) and m.bias() is not None}
+
+
+def _set_biases(reference: nn.Module, biases: Mapping[str, torch.Tensor]) -> None:
+    """Replace the biases of ``reference``'s layers named in ``biases`` (fp32 layer names; a
+    fused conv + relu holds its conv at index 0)."""
+    from torch.ao.nn.intrinsic import _FusedModule
+
+    modules = dict(reference.named_modules())
+    for name, bias in biases.items():
+        layer = modules.get(name)
+        if isinstance(layer, _FusedModule):
+            layer = layer[0]
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            raise StageError(f"cannot set the bias of {name!r}: the model has no conv or linear layer of that "
+                             "name (use the names int8_biases returns)")
+        channels = layer.weight.shape[0]
+        if tuple(bias.shape) != (channels,):
+            raise StageError(f"the bias given for {name!r} has shape {tuple(bias.shape)}; the layer has "
+                             f"{channels} output channels")
+        layer.bias = nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False)
+
+
+# ------------------------------------------------------------------------------------ export
+
+def _quantize_per_tensor_tensor(input, scale, zero_point, quant_min, quant_max, dtype):
+    """``quantized_decomposed.quantize_per_tensor.tensor`` (scale and zero point as 1-element
+    tensors) as a per-tensor QuantizeLinear; saturating to ``dtype``'s range, like the kernels."""
+    from onnxscript import opset18 as op
+
+    return op.QuantizeLinear(input, op.Squeeze(scale), op.Cast(op.Squeeze(zero_point), to=dtype))
+
+
+def _dequantize_per_tensor_tensor(input, scale, zero_point, quant_min, quant_max, dtype, out_dtype=None):
+    """``quantized_decomposed.dequantize_per_tensor.tensor`` as a per-tensor DequantizeLinear
+    (float32 out, the only output type qpipe's models use)."""
+    from onnxscript import opset18 as op
+
+    return op.DequantizeLinear(input, op.Squeeze(scale), op.Cast(op.Squeeze(zero_point), to=dtype))
+
+
+def _translations() -> dict:
+    """The exporter's translations for the ops torchlib does not map (see the module docstring)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers the quantized_decomposed ops
+
+    ops = torch.ops.quantized_decomposed
+    return {ops.quantize_per_tensor.tensor: _quantize_per_tensor_tensor,
+            ops.dequantize_per_tensor.tensor: _dequantize_per_tensor_tensor}
+
+
+def _fold_weight_quantization(model: Any) -> int:
+    """Replace every QuantizeLinear of a constant (a weight), and a Clip of constant bounds
+    right after it, by the quantized tensor, computed with torch's own quantize functions (those
+    ``convert_fx`` uses). ``model`` is an ``onnx.ModelProto``, changed in place; returns how many
+    weights were folded. The float weights left unused are dropped."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    folded, replaced, new_constants = set(), {}, []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or not all(i in constants for i in node.input[:3]):
+            continue
+        weight = torch.from_numpy(numpy_helper.to_array(constants[node.input[0]]).copy())
+        scale = numpy_helper.to_array(constants[node.input[1]])
+        zero_point = numpy_helper.to_array(constants[node.input[2]])
+        dtype = {"int8": torch.qint8, "uint8": torch.quint8}[str(zero_point.dtype)]
+        with quiet():
+            if scale.ndim == 0:
+                q = torch.quantize_per_tensor(weight, float(scale), int(zero_point), dtype)
+            else:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                q = torch.quantize_per_channel(weight, torch.from_numpy(scale.astype("float64")),
+                                               torch.from_numpy(zero_point.astype("int64")), axis, dtype)
+        q = q.int_repr()
+        folded.add(id(node))
+        out = node.output[0]
+        after = users.get(out, [])
+        if len(after) == 1 and after[0].op_type == "Clip" and all(i in constants for i in after[0].input[1:3]):
+            low, high = (int(numpy_helper.to_array(constants[i])) for i in after[0].input[1:3])
+            q = q.clamp(low, high)
+            folded.add(id(after[0]))
+            out = after[0].output[0]
+        name = f"{node.input[0]}_quantized"
+        new_constants.append(numpy_helper.from_array(q.numpy(), name))
+        replaced[out] = name
+    kept = [n for n in graph.node if id(n) not in folded]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = replaced.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    live = [t for t in graph.initializer if t.name in used] + new_constants
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return len(new_constants)
+
+
+def _shield_float_layers(model: Any) -> int:
+    """Keep the float Conv/Gemm nodes (layers kept fp32) float in ONNX Runtime, whose
+    WeightBiasQuantization quantizes the float weight of a Conv/Gemm that reads a per-tensor
+    DequantizeLinear (to per-tensor int8) but not of one that reads a per-channel one. Each
+    such node reads its input through a QuantizeLinear -> DequantizeLinear pair of its own, per
+    channel (axis 1) with the same scale and zero point for every channel: requantizing
+    dequantized values with their own scale gives back exactly the same values.
+
+    The pair reads the existing DequantizeLinear's output. Placed anywhere else it costs int8
+    elsewhere: a second QuantizeLinear on the float tensor stops ONNX Runtime fusing the op
+    that makes it (an Add into QLinearAdd), and a second DequantizeLinear on the existing
+    QuantizeLinear stops OpenVINO running that tensor's other readers in int8. ``model`` is an
+    ``onnx.ModelProto``, changed in place; returns how many layers were shielded."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    nodes = []
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type in ("Conv", "Gemm") else None
+        if (dq is not None and dq.op_type == "DequantizeLinear" and constants[dq.input[1]].ndim == 0
+                and node.input[1] in constants):
+            weight = constants[node.input[1]]
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "Conv":
+                channels = weight.shape[1] * attrs.get("group", 1)
+            else:
+                channels = weight.shape[1] if attrs.get("transB", 0) else weight.shape[0]
+            prefix = f"{node.name or node.output[0]}_input"
+            scale, zero_point, quantized, dequantized = (f"{prefix}_{part}" for part in
+                                                         ("scale", "zero_point", "quantized", "dequantized"))
+            graph.initializer.extend([numpy_helper.from_array(constants[dq.input[1]].repeat(channels), scale),
+                                      numpy_helper.from_array(constants[dq.input[2]].repeat(channels), zero_point)])
+            nodes += [helper.make_node("QuantizeLinear", [dq.output[0], scale, zero_point], [quantized],
+                                       name=quantized, axis=1),
+                      helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [dequantized],
+                                       name=dequantized, axis=1)]
+            node.input[0] = dequantized
+        nodes.append(node)
+    shielded = len(nodes) - len(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return shielded // 2
+
+
+def _require(packages: Sequence[str], what: str) -> None:
+    """Raise StageError, with the install hint, unless every one of ``packages`` imports."""
+    absent = [p for p in packages if _importable(p) is not None]
+    if absent:
+        raise StageError(f"{what} needs {', '.join(absent)}, which cannot be imported: {INSTALL_HINT}")
+
+
+def export_onnx_qdq(observed: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+                    keep_fp32: Sequence[str] = (), biases: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write the int8 model ``convert_calibrated(observed, keep_fp32)`` would make as one
+    self-contained ONNX QDQ file at ``path`` (see the module docstring) and return ``path``.
+
+    ``observed`` is a calibrated model (``pipeline.quant.calibrated``), ``example`` an input
+    tuple of the model's shape (any batch size: the batch dimension is dynamic), ``keep_fp32``
+    the layers left in fp32, ``biases`` {layer name: float bias} to use instead of those layers'
+    own (``int8_biases`` of a bias-corrected model). Raises StageError when a layer name is
+    unknown, a package is missing or the exporter fails."""
+    from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx
+    from torch.onnx.errors import OnnxExporterError
+
+    unknown = sorted(set(keep_fp32) - set(quantizable_layers(observed)))
+    if unknown:
+        raise StageError(f"cannot keep {', '.join(unknown)} in fp32: no such quantizable layer")
+    _require(EXPORT_PACKAGES, "exporting to ONNX")
+    import onnx
+
+    path = Path(path)
+    with quiet():
+        reference = _convert_to_reference_decomposed_fx(copy.deepcopy(observed),
+                                                        qconfig_mapping=static_mapping(observed, keep_fp32))
+    _set_biases(reference, biases or {})
+    try:
+        with quiet(), torch.no_grad():
+            torch.onnx.export(reference.eval(), example, str(path), dynamo=True, external_data=False, optimize=True,
+                              opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              custom_translation_table=_translations(), verbose=False)
+        model = onnx.load(str(path))
+        weights = _fold_weight_quantization(model)
+        shielded = _shield_float_layers(model)
+        onnx.checker.check_model(model)
+    except (OnnxExporterError, onnx.checker.ValidationError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise StageError(f"exporting the int8 model to ONNX ({path.name}) failed: {type(err).__name__}: "
+                         f"{first[:300]}. The FX int8 model itself is unaffected: deploy its TorchScript file, "
+                         "or find the op the exporter cannot express: torch.onnx.export(..., report=True)") from None
+    onnx.save(model, str(path))
+    log.info("exported %s: %d int8 weights, %d float layer(s) shielded", path.name, weights, shielded)
+    return path
+
+
+# ----------------------------------------------------------------------------------- runners
+
+class OrtRunner:
+    """An ONNX Runtime CPU session as ``logits = runner(x)`` on torch tensors: ``n_threads``
+    intra-op threads, one inter-op, every graph optimization (QDQ fusion into int8 kernels)."""
+
+    def __init__(self, path: Path, n_threads: int) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = n_threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.contiguous().numpy()})[0])
+
+
+class OvRunner:
+    """An OpenVINO model on the CPU plugin as ``logits = runner(x)``, compiled with a static
+    shape per input shape (what a deployment with a fixed batch does): at construction for
+    ``batch_size`` when given, otherwise at the first call of each shape. ``model`` is a file
+    OpenVINO reads (.xml, .onnx) or an ``openvino.Model``. ``compiled`` holds the compiled model
+    of each shape; ``precision`` the plugin's inference precision for the float parts."""
+
+    def __init__(self, model: Any, n_threads: int, batch_size: int | None = None) -> None:
+        import openvino as ov
+
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(model)) if isinstance(model, (str, Path)) else model
+        self.config = {"INFERENCE_NUM_THREADS": n_threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled: dict[tuple[int, ...], Any] = {}
+        self.requests: dict[tuple[int, ...], Any] = {}
+        self.precision: str | None = None
+        if batch_size is not None:
+            rest = self.model.input(0).get_partial_shape()[1:]
+            if not rest.is_static:
+                raise StageError(f"cannot compile {model} for batch {batch_size}: its input shape is not static "
+                                 f"beyond the batch ({self.model.input(0).get_partial_shape()})")
+            self._request((batch_size, *rest.to_shape()))
+
+    def _request(self, shape: tuple[int, ...]) -> Any:
+        req = self.requests.get(shape)
+        if req is None:
+            m = self.model.clone()
+            m.reshape(list(shape))
+            compiled = self.compiled[shape] = self.core.compile_model(m, "CPU", self.config)
+            self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            req = self.requests[shape] = compiled.create_infer_request()
+        return req
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        req = self._request(tuple(x.shape))
+        req.infer({0: x.contiguous().numpy()}, share_inputs=True)
+        return torch.from_numpy(req.get_output_tensor(0).data.copy())
+
+
+def _importable(package: str) -> str | None:
+    """None when ``package`` imports, else why not (one line)."""
+    try:
+        importlib.import_module(package)
+    except ImportError as err:
+        return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return None
+
+
+def missing(runtime: str) -> str | None:
+    """None when ``runtime``'s Python package imports; otherwise one line saying what is missing
+    and how to install it. torchscript needs only torch, so it is never missing."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    package = RUNTIME_PACKAGE.get(runtime)
+    why = _importable(package) if package else None
+    if why is None:
+        return None
+    return f"the {runtime} runtime needs the Python package {package!r} ({why}): {INSTALL_HINT}"
+
+
+def load_runner(runtime: str, path: Path, *, threads: int,
+                batch_size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable ``logits = runner(x)`` (float NCHW torch tensor in, torch tensor out) running
+    the model file at ``path`` with ``runtime`` (one of ``RUNTIMES``):
+
+    * ``torchscript``: ``pipeline.quant.load_torchscript`` of a .ts file; its threads are torch's,
+      so ``threads`` is left to the caller (``pipeline.bench.threads``);
+    * ``onnxruntime``: an ``OrtRunner`` on the .onnx file with ``threads`` intra-op threads; the
+      batch dimension stays dynamic;
+    * ``openvino``: an ``OvRunner`` reading the .onnx (or IR) directly, with ``threads``
+      inference threads, compiled now for a static ``batch_size`` when given.
+
+    Raises ConfigError for an unknown runtime and StageError when its package is missing."""
+    why = missing(runtime)
+    if why:
+        raise StageError(why)
+    if runtime == "torchscript":
+        return load_torchscript(Path(path))
+    if runtime == "onnxruntime":
+        return OrtRunner(Path(path), threads)
+    return OvRunner(Path(path), threads, batch_size)
