@@ -95,7 +95,7 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("torchscript", "onnxruntime", "openvino")
 RUNTIME_PACKAGE = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # torchscript needs only torch
 EXPORT_PACKAGES = ("onnx", "onnxscript")
-INSTALL_HINT = "pip install 'qpipe[peers]'"
+INSTALL_HINT = "pip install 'qpipe[runtimes]'"
 OPSET = 18  # the opset torchlib writes its quantized_decomposed functions against
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 

@@ -20,7 +20,7 @@ in brackets, the spread over six observer, weight and kept-fp32 choices where on
   Runtime within 0.05 [0.014-0.028].
 
 Every test that needs onnx, onnxscript, onnxruntime or openvino skips without them (the optional
-``peers`` extra).
+``runtimes`` extra).
 """
 
 from __future__ import annotations
@@ -356,7 +356,7 @@ def test_export_failures_are_stage_errors_that_say_what_to_do(trained: Trained, 
             runtimes.export_onnx_qdq(trained.observed, EXAMPLE, tmp_path / "x.onnx")
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "onnxscript", None)
-        with pytest.raises(StageError, match=r"needs onnxscript, which cannot be imported: pip install 'qpipe\[peers"):
+        with pytest.raises(StageError, match=r"needs onnxscript, which cannot be imported: pip install 'qpipe\[runt"):
             runtimes.export_onnx_qdq(trained.observed, EXAMPLE, tmp_path / "x.onnx")
 
 
@@ -371,8 +371,8 @@ def test_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
             patch.setitem(sys.modules, runtime, None)
             message = runtimes.missing(runtime)
             assert message is not None and "\n" not in message
-            assert runtime in message and "pip install 'qpipe[peers]'" in message, message
-            with pytest.raises(StageError, match=r"pip install 'qpipe\[peers\]'"):
+            assert runtime in message and "pip install 'qpipe[runtimes]'" in message, message
+            with pytest.raises(StageError, match=r"pip install 'qpipe\[runtimes\]'"):
                 runtimes.load_runner(runtime, Path("model.onnx"), threads=1, batch_size=1)
 
 

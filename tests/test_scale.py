@@ -27,6 +27,7 @@ from workers.servers import ServerProcess, free_ports
 
 pytestmark = pytest.mark.integration
 PARTS = 4
+RUNTIMES = ["torchscript", "onnxruntime", "openvino"]
 
 
 class FlowerProcess(ServerProcess):
@@ -88,6 +89,7 @@ def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s
         # its sensitivity analysis fans out in PARTS tasks joined by its quantize stage (a chord)
         spec["quantize"]["variants"][0]["fallback"] = "auto"
         spec["quantize"]["sensitivity_parts"] = PARTS
+        spec["benchmark"]["runtimes"] = RUNTIMES  # measured on the workers that would serve them
         handle = Client(cluster["broker"], cluster["store"]).submit(spec)
         summary = handle.wait(timeout=600, poll=0.5)
         assert summary["status"] == "SUCCESS", summary
@@ -103,6 +105,9 @@ def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s
         assert join["started"] >= max(s["finished"] for s in parts), (join, parts)  # ran after every part
         fallback = next(v for v in summary["variants"] if v["name"] == "ptq-minmax")["fallback"]
         assert fallback["met"] is True and len(fallback["tried"]) == len(fallback["kept_fp32"]) + 1, fallback
+        for v in summary["variants"]:
+            if v["method"] == "static":  # every form measured, or the reason it was not
+                assert set(v["runtimes"]) | set(v.get("skipped_runtimes", {})) == set(RUNTIMES), v
 
         seen: list[dict] = []
 

@@ -151,3 +151,28 @@ def test_report_ranks_the_layers_and_shows_what_the_fallback_kept(outcome: Outco
     assert f"| 1 | {first} |" in md
     page = outcome.store.get_bytes(outcome.store.key_of(summary["report_html"])).decode()
     assert "<h2>Accuracy-budget fallback</h2>" in page and f"<td>{first}</td>" in page
+
+
+def test_each_static_variant_runs_on_every_runtime_or_says_why_not(outcome: Outcome) -> None:
+    """The default runtimes: TorchScript, and the ONNX QDQ export on ONNX Runtime and OpenVINO
+    (the ``runtimes`` extra; where it is missing, each is skipped with the reason)."""
+    budget = outcome.summary["accuracy_budget"]
+    base = outcome.summary["baseline"]["accuracy_top1"]
+    for v in outcome.variants.values():
+        forms, skipped = v["runtimes"], v.get("skipped_runtimes", {})
+        assert set(forms) | set(skipped) == {"torchscript", "onnxruntime", "openvino"} and "torchscript" in forms
+        assert all("pip install 'qpipe[runtimes]'" in why for why in skipped.values()), skipped
+        for rt, m in forms.items():  # the same int8 model: top-1 within 2 points of the TorchScript form
+            assert abs(m["accuracy_top1"] - forms["torchscript"]["accuracy_top1"]) <= 0.02, (v["name"], rt, m)
+        for b, rt in v["runtime"].items():  # served by the fastest form within the budget
+            usable = {r: m for r, m in forms.items()
+                      if r == "torchscript" or base - m["accuracy_top1"] <= budget + 1e-12}
+            assert rt == min(usable, key=lambda r: usable[r]["latency_ms_p50"][b]), (v["name"], b, usable)
+            assert v["latency_ms_p50"][b] == forms[rt]["latency_ms_p50"][b]
+    chosen = outcome.summary["selection_per_batch"]
+    assert chosen["1"]["variant"] == outcome.summary["selected"] == "minmax-fallback"
+    for b, pick in chosen.items():
+        assert pick["runtime"] == outcome.variants[pick["variant"]]["runtime"][b]
+    if "onnxruntime" in outcome.variants["minmax-fallback"]["runtimes"]:
+        md = outcome.store.get_bytes(outcome.store.key_of(outcome.summary["report"])).decode()
+        assert "## Runtimes" in md and "| minmax-fallback | onnxruntime |" in md

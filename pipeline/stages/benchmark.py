@@ -5,19 +5,74 @@ size, and store the artifact next to a manifest that carries those measurements.
 Each batch size is timed on a freshly loaded module: an int8 TorchScript module keeps
 specialising for the batch size it first ran (oneDNN), so one loaded for the accuracy pass at
 batch 64 ran batch 1 about twice as slowly as a fresh one (measured by bench/peers.py). A
-deployed model is loaded once and serves one batch size; so is each timing here."""
+deployed model is loaded once and serves one batch size; so is each timing here.
+
+A static variant exported as ONNX QDQ is measured the same way on each runtime of
+``cfg["runtimes"]`` (ONNX Runtime, OpenVINO; ``pipeline.runtimes``), and ``runtimes`` in the
+manifest holds every form's top-1, latency and size (TorchScript's too). A runtime whose package
+is missing, or a variant without an export, is listed in ``skipped_runtimes`` with the reason."""
 
 from __future__ import annotations
 
+import logging
+
 from pipeline.bench import measure_latency, threads
 from pipeline.quant import load_torchscript, set_engine
+from pipeline.runtimes import load_runner, missing
 from pipeline.stages import StageContext, register
 from pipeline.stages.common import load_split, norm
 from pipeline.store import ArtifactRef
 from pipeline.train import counting, evaluate, normalize
 
+log = logging.getLogger(__name__)
 
-@register("benchmark", version=2, queue="cpu")
+
+def _rounded(latency: dict[str, dict]) -> dict[str, dict]:
+    return {"latency_ms_p50": {bs: round(v["p50_ms"], 4) for bs, v in latency.items()},
+            "latency_ms_p95": {bs: round(v["p95_ms"], 4) for bs, v in latency.items()},
+            "throughput_ips": {bs: round(v["throughput_ips"], 2) for bs, v in latency.items()}}
+
+
+def other_runtimes(ctx: StageContext, cfg: dict, producer: dict, xv, yv, n: dict) -> tuple[dict, dict, dict]:
+    """Top-1 and latency of the variant's ONNX export on each runtime of ``cfg["runtimes"]``
+    (ONNX Runtime, OpenVINO), timed like the TorchScript form: a fresh runner per batch size,
+    first called at that size. Returns ({runtime: metrics}, {runtime: why it was skipped}, the
+    stored ONNX file's reference or {})."""
+    import torch
+
+    wanted = cfg.get("runtimes", [])
+    if not wanted:
+        return {}, {}, {}
+    ref = producer["outputs"].get("onnx")
+    if ref is None:
+        why = (producer.get("export_errors") or {}).get("onnx", "the quantize stage made no ONNX export")
+        return {}, {rt: f"no ONNX export: {why}" for rt in wanted}, {}
+    path = ctx.fetch(ref, "model.onnx")
+    artifact = ctx.store.copy(ArtifactRef.from_dict(ref), f"{ctx.prefix}/model.onnx")
+    out, skipped = {}, {}
+    for rt in wanted:
+        why = missing(rt)
+        if why:
+            skipped[rt] = why
+            log.info("%s: %s skipped: %s", cfg["variant"], rt, why)
+            continue
+        ctx.progress(0.8, f"{rt}: accuracy")
+        ctx.check_cancelled(every=0.0)
+        acc = evaluate(load_runner(rt, path, threads=cfg["threads"], batch_size=None), xv, yv, batch_size=64,
+                       **n)["accuracy"]
+        ctx.images(len(yv), "eval")
+        latency = {}
+        for bs in cfg["batch_sizes"]:
+            ctx.progress(0.85, f"{rt}: latency at batch {bs}")
+            idx = torch.arange(bs) % len(xv)
+            latency[str(bs)] = measure_latency(load_runner(rt, path, threads=cfg["threads"], batch_size=bs),
+                                               normalize(xv[idx], **n), warmup=cfg["warmup"],
+                                               iterations=cfg["iterations"])
+        out[rt] = {"accuracy_top1": acc, **_rounded(latency), "size_bytes": artifact.size, "artifact": artifact.uri}
+    return out, skipped, {"onnx": artifact.to_dict()}
+
+
+@register("benchmark", version=3, queue="cpu")
 def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     import torch
 
@@ -53,6 +108,7 @@ def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
                                                 warmup=cfg["warmup"], iterations=cfg["iterations"])["p50_ms"]
             fallback = {**fallback, "latency_ms_p50_all_int8": {bs: round(v, 4) for bs, v in base.items()},
                         "latency_cost_ms": {bs: round(latency[bs]["p50_ms"] - base[bs], 4) for bs in base}}
+        runtimes, skipped, exported = other_runtimes(ctx, cfg, producer, xv, yv, n)
     artifact = ctx.store.copy(ArtifactRef.from_dict(model_ref), f"{ctx.prefix}/model.ts")
     return {
         "name": cfg["variant"],
@@ -64,13 +120,14 @@ def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "backend": cfg["backend"],
         "metrics": {
             "accuracy_top1": acc,
-            "latency_ms_p50": {bs: round(v["p50_ms"], 4) for bs, v in latency.items()},
-            "latency_ms_p95": {bs: round(v["p95_ms"], 4) for bs, v in latency.items()},
-            "throughput_ips": {bs: round(v["throughput_ips"], 2) for bs, v in latency.items()},
+            **_rounded(latency),
             "size_bytes": artifact.size,
             "threads": cfg["threads"],
             "val_images": len(yv),
         },
+        "runtimes": {"torchscript": {"accuracy_top1": acc, **_rounded(latency), "size_bytes": artifact.size,
+                                     "artifact": artifact.uri}} | runtimes,
+        **({"skipped_runtimes": skipped} if skipped else {}),
         "int8_layers": producer.get("int8_layers"),
         "fp32_layers": producer.get("fp32_layers"),
         "layers": producer.get("layers", []),
@@ -79,5 +136,5 @@ def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         **({"fallback": fallback} if fallback else {}),
         "produced_by": {"stage": producer["stage"], "key": producer["key"], "model_sha256": model_ref["sha256"]},
         "spec_sha256": ctx.extra.get("spec_sha256"),
-        "outputs": {"model": artifact.to_dict()},
+        "outputs": {"model": artifact.to_dict(), **exported},
     }

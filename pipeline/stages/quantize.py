@@ -25,6 +25,7 @@ from pipeline.quant import (
     layer_table,
     quantize_dynamic,
 )
+from pipeline.runtimes import export_onnx_qdq, int8_biases
 from pipeline.sensitivity import logits_of, rank, search_fallback, top1
 from pipeline.stages import StageContext, register
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
@@ -91,6 +92,15 @@ def quantize(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         qmodel, bias = convert(kept)
         if bias is not None:
             extra["bias_correction"] = bias
+        if cfg.get("export_onnx"):  # the same int8 model as ONNX QDQ, for ONNX Runtime and OpenVINO
+            ctx.progress(0.75, "exporting ONNX QDQ")
+            try:
+                onnx = export_onnx_qdq(observed, example, ctx.workdir / "model.onnx", kept,
+                                       biases=int8_biases(qmodel) if bias and bias["applied"] else None)
+                outputs["onnx"] = ctx.put("model.onnx", onnx)
+            except StageError as err:  # the TorchScript form stands alone; the benchmark says why ONNX is absent
+                extra["export_errors"] = {"onnx": str(err)}
+                log.warning("%s: %s", cfg["variant"], err)
         if kept:  # the all-int8 model too, so the benchmark can measure what the fallback costs
             ctx.progress(0.8, "exporting the all-int8 TorchScript")
             path = export_torchscript(convert([])[0], example, ctx.workdir / "all-int8.ts")
