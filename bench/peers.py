@@ -17,8 +17,12 @@ What it measures
 
     and these int8 models are compared:
 
-    * ``qpipe``          the report's selected variant: its benchmark stage's TorchScript file,
-                         loaded with ``torch.jit.load`` and run by PyTorch (FX graph mode, x86);
+    * ``qpipe``          what the report chose for each batch size: the selected variant on the
+                         runtime that serves it fastest within the accuracy budget (its TorchScript
+                         file in PyTorch, or its ONNX QDQ export on ONNX Runtime or OpenVINO; see
+                         ``summary["selection_per_batch"]``); top-1 and size are those of the form
+                         chosen for the first batch size. ``qpipe_torchscript`` (the selected
+                         variant's TorchScript file) is timed alongside for reference;
     * ``openvino_nncf``  ``nncf.quantize`` (defaults: performance preset, fast bias correction) on the
                          OpenVINO model converted from the fp32 module by ``openvino.convert_model``,
                          calibrated on every calibration image, saved as IR and run by the OpenVINO
@@ -107,7 +111,7 @@ from pipeline.bench import threads  # noqa: E402
 from pipeline.plan import build_plan  # noqa: E402
 from pipeline.quant import load_torchscript, set_engine  # noqa: E402
 from pipeline.runner import prepare_sources, run_in_process  # noqa: E402
-from pipeline.runtimes import OrtRunner, OvRunner  # noqa: E402
+from pipeline.runtimes import OrtRunner, OvRunner, load_runner  # noqa: E402
 from pipeline.spec import load_spec  # noqa: E402
 from pipeline.stages import StageContext, manifest_key  # noqa: E402
 from pipeline.stages.common import example_input, load_fp32, load_split, norm  # noqa: E402
@@ -119,6 +123,7 @@ DEMO_SPEC = ROOT / "examples" / "digits.yaml"
 PEER_MODULES = ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf")
 QPIPE, NNCF, ORT = "qpipe", "openvino_nncf", "onnxruntime_qdq"
 QPIPE_AFTER_EVAL = "qpipe_after_eval"  # informational: the same artifact, first called at batch 64
+QPIPE_TORCHSCRIPT = "qpipe_torchscript"  # informational: the selected variant's TorchScript file
 PEERS = (NNCF, ORT)
 # Fine-tuning epochs where the demo spec's 3 leave the fp32 model short of converging on digits
 # from random weights (mobilenet_v2 at lr 0.01: top-1 0.10, 0.10, 0.57, 0.91, 0.97 after epochs 1-5):
@@ -243,6 +248,8 @@ class QpipeRun:
     epochs: int = 0
     state_dict: Path | None = None
     seconds: float = 0.0
+    # batch size -> (variant, runtime, file): what the report chose to serve that batch size with
+    forms: dict[str, tuple[str, str, Path]] = field(default_factory=dict)
 
 
 def pick_variant(summary: dict) -> tuple[str, str]:
@@ -282,8 +289,15 @@ def run_qpipe(spec_dict: dict, store: Store, workdir: Path) -> QpipeRun:
     val = load_split(ctx, data, "val")
     set_engine(int8_bench["backend"])
     int8_path = ctx.fetch(int8_bench["outputs"]["model"], f"qpipe-{selected}.ts")
+    forms = {}
+    for bs in (str(b) for b in spec.benchmark.batch_sizes):
+        pick = (summary.get("selection_per_batch") or {}).get(bs, {"variant": selected, "runtime": "torchscript"})
+        bench = manifest(f"benchmark:{pick['variant']}")
+        output, suffix = ("model", "ts") if pick["runtime"] == "torchscript" else ("onnx", "onnx")
+        forms[bs] = (pick["variant"], pick["runtime"],
+                     ctx.fetch(bench["outputs"][output], f"qpipe-{pick['variant']}-{bs}.{suffix}"))
     return QpipeRun(summary, selected, reason, data, fp32, fp32_bench, int8_bench, load_torchscript(int8_path),
-                    int8_path, calib, val, norm(data), spec.finetune.epochs, state_dict, seconds)
+                    int8_path, calib, val, norm(data), spec.finetune.epochs, state_dict, seconds, forms)
 
 
 # -------------------------------------------------------------------------------- the peers
@@ -411,14 +425,17 @@ def interleaved(forms: dict[int, dict[str, Callable]], inputs: dict[int, torch.T
     return results
 
 
-def latency_forms(q: QpipeRun, ov_xml: Path, ort_path: Path, n_threads: int) -> dict[str, Callable]:
-    """A freshly loaded instance of each int8 model, for one batch size. The first call's shape
-    matters: qpipe's TorchScript int8 (oneDNN kernels) first called at batch 64 runs batch 1
-    about 2x slower afterwards, so every runtime gets one instance per batch size, as a service
-    with a fixed batch would, and ``qpipe_after_eval`` times the instance that ran the accuracy
-    pass at batch 64 first (what qpipe's benchmark stage measures) for comparison."""
-    return {QPIPE: load_torchscript(q.int8_path), NNCF: OvRunner(ov_xml, n_threads),
-            ORT: OrtRunner(ort_path, n_threads), QPIPE_AFTER_EVAL: q.int8}
+def latency_forms(q: QpipeRun, ov_xml: Path, ort_path: Path, n_threads: int, bs: int) -> dict[str, Callable]:
+    """A freshly loaded instance of each int8 model, for one batch size. ``qpipe`` is what qpipe's
+    report chose for that batch size (a variant on a runtime); ``qpipe_torchscript`` is the
+    selected variant's TorchScript file. The first call's shape matters: qpipe's TorchScript int8
+    (oneDNN kernels) first called at batch 64 runs batch 1 about 2x slower afterwards, so every
+    runtime gets one instance per batch size, as a service with a fixed batch would, and
+    ``qpipe_after_eval`` times the instance that ran the accuracy pass at batch 64 first."""
+    _, runtime, path = q.forms[str(bs)]
+    return {QPIPE: load_runner(runtime, path, threads=n_threads, batch_size=bs), NNCF: OvRunner(ov_xml, n_threads),
+            ORT: OrtRunner(ort_path, n_threads), QPIPE_TORCHSCRIPT: load_torchscript(q.int8_path),
+            QPIPE_AFTER_EVAL: q.int8}
 
 
 def fastest_peer_ratios(per_form: dict[str, list[dict]], peers: tuple[str, ...] = PEERS,
@@ -481,8 +498,11 @@ def run_case(case: Case, args: argparse.Namespace, store: Store, workdir: Path,
     fp32_xml = workdir / "fp32.xml"
     ov.save_model(fp32_ov, str(fp32_xml), compress_to_fp16=False)
 
-    int8 = {QPIPE: q.int8, NNCF: OvRunner(ov_xml, args.threads), ORT: OrtRunner(ort_path, args.threads)}
-    sizes = {QPIPE: q.int8_path.stat().st_size,
+    first = str(args.batch_sizes[0])  # qpipe's accuracy and size: the form serving the first batch size
+    _, first_runtime, first_path = q.forms[first]
+    int8 = {QPIPE: load_runner(first_runtime, first_path, threads=args.threads, batch_size=None),
+            NNCF: OvRunner(ov_xml, args.threads), ORT: OrtRunner(ort_path, args.threads)}
+    sizes = {QPIPE: first_path.stat().st_size,
              NNCF: ov_xml.stat().st_size + ov_xml.with_suffix(".bin").stat().st_size,
              ORT: ort_path.stat().st_size}
     fp32_sizes = {"torchscript": q.fp32_bench["metrics"]["size_bytes"], "onnx": fp32_onnx.stat().st_size,
@@ -500,19 +520,21 @@ def run_case(case: Case, args: argparse.Namespace, store: Store, workdir: Path,
         for bs in args.batch_sizes:
             idx = torch.randint(0, val_n, (bs,), generator=gen)
             inputs[bs] = normalize(q.val[0][idx], **q.mean_std)
-        log(f"{case.name}: timing {list(int8) + [QPIPE_AFTER_EVAL]} at batch sizes {args.batch_sizes}, "
-            f"{args.threads} thread(s), {args.rounds} rounds")
-        results = interleaved({bs: latency_forms(q, ov_xml, ort_path, args.threads) for bs in inputs}, inputs,
+        log(f"{case.name}: timing {list(int8) + [QPIPE_TORCHSCRIPT, QPIPE_AFTER_EVAL]} at batch sizes "
+            f"{args.batch_sizes}, {args.threads} thread(s), {args.rounds} rounds")
+        results = interleaved({bs: latency_forms(q, ov_xml, ort_path, args.threads, bs) for bs in inputs}, inputs,
                               args, case.name)
 
     drops = {name: fp32_acc - a for name, a in acc.items()}
     latency = {str(bs): summarise(per_form) for bs, per_form in results.items()}
     layers = {QPIPE: {"int8": q.int8_bench.get("int8_layers"), "fp32": q.int8_bench.get("fp32_layers")},
               NNCF: openvino_layers(ov_xml), ORT: onnx_layers(ort_path)}
-    runtimes = {QPIPE: f"PyTorch {torch.__version__} TorchScript ({torch.backends.quantized.engine} engine)",
+    runtimes = {QPIPE: "per batch size, as selected: " + ", ".join(f"@{bs} {v} on {rt}" for bs, (v, rt, _)
+                                                                   in q.forms.items()),
                 NNCF: f"OpenVINO {ov.__version__.split('-')[0]} CPU (precision hint {int8[NNCF].precision})",
                 ORT: f"ONNX Runtime {__import__('onnxruntime').__version__} CPUExecutionProvider"}
-    formats = {QPIPE: "TorchScript (.ts)", NNCF: "OpenVINO IR (.xml + .bin)", ORT: "ONNX QDQ (.onnx)"}
+    formats = {QPIPE: f"{'ONNX QDQ (.onnx)' if first_runtime != 'torchscript' else 'TorchScript (.ts)'} "
+                      f"at batch {first}", NNCF: "OpenVINO IR (.xml + .bin)", ORT: "ONNX QDQ (.onnx)"}
     rows = {"fp32": {"runtime": "PyTorch eager (checkpoint); latency: qpipe's benchmark stage, TorchScript",
                      "top1": round(fp32_acc, 4), "top1_by_runtime": {k: round(v, 4) for k, v in conversion.items()},
                      "latency_ms_p50": q.fp32_bench["metrics"]["latency_ms_p50"], "size_bytes": fp32_sizes}}
@@ -524,6 +546,8 @@ def run_case(case: Case, args: argparse.Namespace, store: Store, workdir: Path,
                       "size_bytes": sizes[name], "size_vs_fp32": round(sizes[name] / fp32_sizes["torchscript"], 4),
                       "layers": layers[name]}
     rows[QPIPE]["latency_ms_p50_after_eval"] = {bs: latency[bs][QPIPE_AFTER_EVAL]["p50_ms"] for bs in latency}
+    rows[QPIPE]["latency_ms_p50_torchscript"] = {bs: latency[bs][QPIPE_TORCHSCRIPT]["p50_ms"] for bs in latency}
+    rows[QPIPE]["served_by"] = {bs: {"variant": v, "runtime": rt} for bs, (v, rt, _) in q.forms.items()}
     rows[QPIPE]["variant"] = q.selected
     rows[QPIPE]["artifact"] = {k: q.int8_bench["outputs"]["model"][k] for k in ("uri", "sha256")}
     rows[QPIPE]["method"] = q.int8_bench.get("method")
@@ -541,7 +565,10 @@ def run_case(case: Case, args: argparse.Namespace, store: Store, workdir: Path,
             **judge(fastest_peer_ratios(per_form), args.target_ratio, args.aim_ratio), "fastest_peer": fastest}
         ratios["qpipe_vs_peer"][str(bs)] = {p: round(median_ratio(per_form[QPIPE], per_form[p]), 3) for p in PEERS}
         ratios["qpipe_after_eval_vs_fresh"][str(bs)] = round(median_ratio(per_form[QPIPE_AFTER_EVAL],
-                                                                          per_form[QPIPE]), 3)
+                                                                          per_form[QPIPE_TORCHSCRIPT]), 3)
+        ratios.setdefault("qpipe_torchscript_vs_fastest_peer", {})[str(bs)] = round(
+            statistics.median(a["p50_ms"] / min(per_form[p][r]["p50_ms"] for p in PEERS)
+                              for r, a in enumerate(per_form[QPIPE_TORCHSCRIPT])), 3)
     ratios["accuracy_drop_vs_nncf"] = drop_verdict(drops, val_n)
     noise = {"other_load_per_round": {str(bs): [None if v is None else round(v, 3) for v in ls]
                                       for bs, ls in loads.items()},

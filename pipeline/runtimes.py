@@ -71,7 +71,7 @@ Latency
 Runners
     ``load_runner(runtime, path, threads=..., batch_size=...)`` returns ``logits = runner(x)``
     on float NCHW torch tensors for each of ``RUNTIMES``; ``missing(runtime)`` says whether its
-    package is installed (the ``peers`` extra). onnx, onnxscript, onnxruntime and openvino are
+    package is installed (the ``runtimes`` extra). onnx, onnxscript, onnxruntime and openvino are
     imported only inside the functions that need them.
 """
 
