@@ -4,6 +4,12 @@ config, its inputs and its content address (key).
 A node is plain JSON, which is what travels in a task message:
 ``{"id", "stage", "variant", "queue", "key", "config", "inputs": {name: {"stage", "key"}},
 "input_digests"}``.
+
+A sweep (``spec.sweep``) plans one ingest, then per arch what a single-arch spec plans: its
+finetune, fp32 benchmark, calibrations, and every variant of every set. Node ids and variant
+names then carry the arch (``quantize:ptq-minmax@resnet18``, variant ``ptq-minmax@resnet18``);
+configs do not, beyond what they already held, so a node's key is the one the same arch and
+variant get without a sweep.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ def sensitivity_config(v: VariantSpec, backend: str, arch: str, part: int, parts
 def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, Any]]:
     """``sources`` holds the prepared descriptions of ``data.source``, ``data.val_source`` and
     ``model.weights`` (see ``pipeline.sources.prepare_source``)."""
-    d, m, f, q, b = spec.data, spec.model, spec.finetune, spec.quantize, spec.benchmark
+    d, b = spec.data, spec.benchmark
     src, val = sources["source"], sources.get("val_source")
     digests = {"source": src["sha256"]} | ({"val_source": val["sha256"]} if val else {})
     ingest = _node("ingest", "ingest", {
@@ -77,59 +83,82 @@ def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, An
         "calib_size": d.calib_size, "seed": spec.seed, "max_image_pixels": d.max_image_pixels,
         "max_archive_bytes": d.max_archive_bytes,
     }, {}, digests=digests)
+    nodes = [ingest]
+    report_variants: list[dict[str, Any]] = []
+    report_inputs: dict[str, dict] = {"data": ingest}
+    sweep = spec.sweep is not None
+    for arch in spec.archs():
+        arch_nodes, benches = _arch_nodes(spec, sources, ingest, arch, sweep)
+        nodes += arch_nodes
+        for bench, set_name in benches:
+            entry = {"name": bench["variant"], "method": bench["config"]["method"]}
+            report_variants.append(entry | ({"arch": arch, "set": set_name} if sweep else {}))
+            report_inputs[f"bench_{bench['variant']}"] = bench
+    nodes.append(_node("report", "report", {
+        "name": spec.name, "accuracy_budget": b.accuracy_budget, "batch_sizes": b.batch_sizes,
+        "variants": report_variants,
+    }, report_inputs))
+    return nodes
+
+
+def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch: str,
+                sweep: bool) -> tuple[list[dict], list[tuple[dict, str | None]]]:
+    """One arch's nodes, in dependency order: finetune, calibrations, sensitivity parts and
+    producers, then the benchmarks; and the benchmarks with their variant set (None for fp32).
+    In a sweep, ids and variant names end in ``@arch`` (a part's id in ``@arch:i``)."""
+    f, q, b = spec.finetune, spec.quantize, spec.benchmark
+    at = f"@{arch}" if sweep else ""
     weights = sources.get("weights")
-    finetune = _node("finetune", "finetune", {
-        "arch": m.arch, "weights": weights, "epochs": f.epochs, "batch_size": f.batch_size, "lr": f.lr,
+    finetune = _node("finetune", f"finetune{at}", {
+        "arch": arch, "weights": weights, "epochs": f.epochs, "batch_size": f.batch_size, "lr": f.lr,
         "momentum": f.momentum, "weight_decay": f.weight_decay, "freeze_backbone": f.freeze_backbone,
         "seed": spec.seed, "device": f.device,
     }, {"data": ingest}, digests={"weights": weights["sha256"]} if weights else None)
-    nodes = [ingest, finetune]
+    nodes = [finetune]
     bench_cfg = {"batch_sizes": b.batch_sizes, "threads": b.threads, "warmup": b.warmup,
                  "iterations": b.iterations, "backend": q.backend}
-    benches = [_node("benchmark", "benchmark:fp32", {"variant": "fp32", "method": "fp32", **bench_cfg},
-                     {"data": ingest, "model": finetune}, variant="fp32")]
+    benches = [(_node("benchmark", f"benchmark:fp32{at}", {"variant": "fp32", "method": "fp32", **bench_cfg},
+                      {"data": ingest, "model": finetune}, variant=f"fp32{at}"), None)]
+    sets = spec.variant_sets()
+    variants = [(v, set_name) for set_name, vs in sets.items() for v in vs]
     calibrations: dict[str, dict] = {}
-    for v in q.variants:
+    for v, _ in variants:
         if v.method == "static":
             cid = calibration_id(v)
             if cid not in calibrations:
-                calibrations[cid] = _node("calibrate", cid, {
-                    "observer": CALIBRATION_STATISTIC[v.observer], "backend": q.backend, "arch": m.arch,
+                calibrations[cid] = _node("calibrate", f"{cid}{at}", {
+                    "observer": CALIBRATION_STATISTIC[v.observer], "backend": q.backend, "arch": arch,
                     "seed": spec.seed,
                 }, {"data": ingest, "model": finetune}, variant=None)
                 nodes.append(calibrations[cid])
-    for v in q.variants:
+    for v, set_name in variants:
+        name = f"{v.name}{at}"
         if v.method == "qat":
-            producer = _node("qat", f"qat:{v.name}", {
-                "variant": v.name, "arch": m.arch, "backend": q.backend, "epochs": v.epochs, "lr": v.lr,
+            producer = _node("qat", f"qat:{name}", {
+                "variant": v.name, "arch": arch, "backend": q.backend, "epochs": v.epochs, "lr": v.lr,
                 "batch_size": v.batch_size or f.batch_size, "momentum": f.momentum, "seed": spec.seed,
                 "device": f.device,
-            }, {"data": ingest, "model": finetune}, variant=v.name)
+            }, {"data": ingest, "model": finetune}, variant=name)
         else:
             inputs = {"data": ingest, "model": finetune}
-            config = quantize_config(v, q.backend, m.arch)
+            config = quantize_config(v, q.backend, arch)
             if v.method == "static":
                 inputs["calibration"] = calibrations[calibration_id(v)]
             if v.sensitivity:
-                parts = [_node("sensitivity", f"sensitivity:{v.name}:{i}",
-                               sensitivity_config(v, q.backend, m.arch, i, q.sensitivity_parts), dict(inputs),
-                               variant=v.name) for i in range(q.sensitivity_parts)]
+                parts = [_node("sensitivity", f"sensitivity:{name}:{i}",
+                               sensitivity_config(v, q.backend, arch, i, q.sensitivity_parts), dict(inputs),
+                               variant=name) for i in range(q.sensitivity_parts)]
                 nodes.extend(parts)
                 inputs |= {f"sensitivity_{i}": part for i, part in enumerate(parts)}
                 config["sensitivity"] = q.sensitivity_parts
             if v.fallback == "auto":
                 config |= {"fallback": "auto", "accuracy_budget": b.accuracy_budget}
-            producer = _node("quantize", f"quantize:{v.name}", config, inputs, variant=v.name)
+            producer = _node("quantize", f"quantize:{name}", config, inputs, variant=name)
         nodes.append(producer)
-        benches.append(_node("benchmark", f"benchmark:{v.name}", {"variant": v.name, "method": v.method, **bench_cfg},
-                             {"data": ingest, "model": producer}, variant=v.name))
-    nodes.extend(benches)
-    report_inputs = {"data": ingest} | {f"bench_{n['variant']}": n for n in benches}
-    nodes.append(_node("report", "report", {
-        "name": spec.name, "accuracy_budget": b.accuracy_budget, "batch_sizes": b.batch_sizes,
-        "variants": [{"name": "fp32", "method": "fp32"}] + [{"name": v.name, "method": v.method} for v in q.variants],
-    }, report_inputs))
-    return nodes
+        benches.append((_node("benchmark", f"benchmark:{name}", {"variant": v.name, "method": v.method, **bench_cfg},
+                              {"data": ingest, "model": producer}, variant=name), set_name))
+    nodes.extend(bench for bench, _ in benches)
+    return nodes, benches
 
 
 def children(plan: list[dict]) -> dict[str, list[str]]:

@@ -9,6 +9,10 @@ writes no timestamp in a PNG), so the same summary gives the same bytes.
 Each drawing function takes the run summary (``pipeline.stages.report``) and returns a Figure of
 what is there, or None when there is nothing to draw: a failed variant has no point and no bar, a
 run without QAT has only the fp32 curve. ``render_all`` writes the PNGs.
+
+A sweep's summary has one fp32 baseline per arch (``baselines``) and rows named ``variant@arch``;
+each row is compared with its own arch's baseline, and the accuracy-latency plot gives each arch
+a colour and a marker.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ VARIANT_COLOUR = "#2563eb"
 SELECTED_COLOUR = "#dc2626"
 FRONT_COLOUR = "#16a34a"
 SERIES = ("#2563eb", "#ea580c", "#9333ea", "#0d9488", "#ca8a04", "#db2777", "#4b5563", "#65a30d")
+ARCH_MARKERS = ("o", "^", "D", "v", "P", "X", "<", ">")  # variants of the n-th arch of a sweep; fp32 is a square
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -57,11 +62,37 @@ def selection_batch(summary: dict[str, Any]) -> str | None:
     return str(sizes[0]) if sizes else None
 
 
+def is_sweep(summary: dict[str, Any]) -> bool:
+    return "baselines" in summary
+
+
+def baseline_of(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | None:
+    """The fp32 row that ``row`` is compared with: its arch's in a sweep, else the baseline."""
+    if is_sweep(summary):
+        return summary["baselines"].get(row.get("arch"))
+    return summary.get("baseline")
+
+
+def is_baseline(summary: dict[str, Any], row: dict[str, Any]) -> bool:
+    return row.get("method") == "fp32" if is_sweep(summary) else row is summary.get("baseline")
+
+
+def ordered(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The measured baselines and every variant row: the baseline first, or in a sweep each
+    arch's baseline followed by that arch's variants."""
+    variants = list(summary.get("variants", []))
+    if not is_sweep(summary):
+        base = summary.get("baseline")
+        return ([base] if base else []) + variants
+    rows = []
+    for arch, base in summary["baselines"].items():
+        rows += ([base] if base else []) + [v for v in variants if v.get("arch") == arch]
+    return rows
+
+
 def measured(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The baseline (if measured) and every variant that has results, in the summary's order."""
-    base = summary.get("baseline")
-    rows = ([base] if base else []) + list(summary.get("variants", []))
-    return [r for r in rows if r.get("accuracy_top1") is not None]
+    """The baselines (if measured) and every variant that has results, in ``ordered`` order."""
+    return [r for r in ordered(summary) if r.get("accuracy_top1") is not None]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -81,7 +112,11 @@ def save(fig: Any, path: Path) -> Path:
 
 def accuracy_latency(summary: dict[str, Any]) -> Any | None:
     """Top-1 against p50 latency at the selection batch size, one point per measured model, the
-    Pareto front as a step line, the accuracy budget's floor and the selected variant ringed."""
+    Pareto front as a step line, the accuracy budget's floor and the selected variant ringed.
+
+    In a sweep each arch has its colour and marker (its fp32 a square), and there is no single
+    floor: each arch has its own, so a variant is drawn filled when its drop against its own
+    arch's fp32 is within the budget and hollow when it is not."""
     batch = selection_batch(summary)
     rows = [r for r in measured(summary) if batch and r.get("latency_ms_p50", {}).get(batch) is not None]
     if not rows:
@@ -98,20 +133,44 @@ def accuracy_latency(summary: dict[str, Any]) -> Any | None:
     fx = [pts[i][0] for i in front] + [right]
     fy = [pts[i][1] for i in front] + [pts[front[-1]][1]]
     ax.step(fx, fy, where="post", color=FRONT_COLOUR, linewidth=1.5, alpha=0.8, label="Pareto front", zorder=1)
+    sweep = is_sweep(summary)
+    budget = summary.get("accuracy_budget")
+    archs = list(summary.get("baselines") or {})
+    # the legend names each arch at its first variant (its marker), or at its fp32 if it has none
+    named = {}
+    for i, r in enumerate(rows):
+        if r.get("arch") not in named or is_baseline(summary, rows[named[r.get("arch")]]):
+            named[r.get("arch")] = i
     for n, (r, (x, y)) in enumerate(zip(rows, pts, strict=True)):
-        is_base = base is not None and r is base
-        ax.scatter([x], [y], s=60 if is_base else 45, marker="s" if is_base else "o",
-                   color=BASELINE_COLOUR if is_base else VARIANT_COLOUR, zorder=3,
-                   label="fp32 baseline" if is_base else None)
+        is_base = is_baseline(summary, r)
+        if sweep:
+            k = archs.index(r.get("arch")) if r.get("arch") in archs else 0
+            colour = SERIES[k % len(SERIES)]
+            drop = r.get("accuracy_drop")
+            within = is_base or (budget is not None and drop is not None and drop <= float(budget) + 1e-12)
+            label = str(r.get("arch")) if named.get(r.get("arch")) == n else None
+            marker = "s" if is_base else ARCH_MARKERS[k % len(ARCH_MARKERS)]
+            ax.scatter([x], [y], s=60 if is_base else 45, marker=marker,
+                       facecolors=colour if within else "none", edgecolors=colour, linewidths=1.5, zorder=3,
+                       label=label)
+        else:
+            ax.scatter([x], [y], s=60 if is_base else 45, marker="s" if is_base else "o",
+                       color=BASELINE_COLOUR if is_base else VARIANT_COLOUR, zorder=3,
+                       label="fp32 baseline" if is_base else None)
         # alternate label offsets so variants with equal results stay readable
         ax.annotate(str(r["name"]), (x, y), xytext=(7, 6 + 11 * (n % 3)), textcoords="offset points",
                     fontsize=8, color="#111827", arrowprops={"arrowstyle": "-", "color": "#9ca3af", "lw": 0.6})
         if r["name"] == selected and not is_base:
             ax.scatter([x], [y], s=260, facecolors="none", edgecolors=SELECTED_COLOUR, linewidths=2, zorder=4,
                        label=f"selected: {r['name']}")
-    budget = summary.get("accuracy_budget")
     ys = [p[1] for p in pts]
-    if base is not None and budget is not None:
+    if sweep:  # legend entries for the encoding, drawn as empty series
+        ax.scatter([], [], s=60, marker="s", facecolors=BASELINE_COLOUR, edgecolors=BASELINE_COLOUR,
+                   label="square: the arch's fp32")
+        if budget is not None:
+            ax.scatter([], [], s=45, marker="o", facecolors="none", edgecolors=BASELINE_COLOUR, linewidths=1.5,
+                       label=f"hollow: drop > {float(budget):g} vs its fp32")
+    elif base is not None and budget is not None:
         floor = float(base["accuracy_top1"]) - float(budget)
         ax.axhline(floor, color=SELECTED_COLOUR, linestyle=":", linewidth=1,
                    label=f"accuracy budget (fp32 - {float(budget):g})")
@@ -123,7 +182,7 @@ def accuracy_latency(summary: dict[str, Any]) -> Any | None:
     ax.set_ylabel("top-1 accuracy (higher is better)")
     ax.set_title(f"{TITLES['accuracy_latency']}: {summary.get('name', '')}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best" if sweep else "lower right")
     return fig
 
 
@@ -133,13 +192,11 @@ def sizes(summary: dict[str, Any]) -> Any | None:
     rows = [r for r in measured(summary) if r.get("size_bytes")]
     if not rows:
         return None
-    base = summary.get("baseline")
-    base_size = base.get("size_bytes") if base and base.get("accuracy_top1") is not None else None
     fig = _figure(7.0, 1.2 + 0.42 * len(rows))
     ax = fig.add_subplot()
     names = [str(r["name"]) for r in rows]
     mb = [r["size_bytes"] / 1e6 for r in rows]
-    colours = [BASELINE_COLOUR if r is base else SELECTED_COLOUR if r["name"] == summary.get("selected")
+    colours = [BASELINE_COLOUR if is_baseline(summary, r) else SELECTED_COLOUR if r["name"] == summary.get("selected")
                else VARIANT_COLOUR for r in rows]
     ys = list(range(len(rows)))
     ax.barh(ys, mb, color=colours, height=0.6)
@@ -147,7 +204,9 @@ def sizes(summary: dict[str, Any]) -> Any | None:
     ax.invert_yaxis()  # the summary's order, top to bottom
     for y, r, v in zip(ys, rows, mb, strict=True):
         text = f"{v:.2f} MB"
-        if base_size and r is not base:
+        base = baseline_of(summary, r)  # in a sweep, its own arch's fp32
+        base_size = base.get("size_bytes") if base and base.get("accuracy_top1") is not None else None
+        if base_size and not is_baseline(summary, r):
             ratio = base_size / r["size_bytes"]
             text += (" (as fp32)" if abs(ratio - 1) < 0.05 else f" ({ratio:.1f}x smaller than fp32)" if ratio > 1
                      else f" ({1 / ratio:.1f}x larger than fp32)")
@@ -162,7 +221,8 @@ def sizes(summary: dict[str, Any]) -> Any | None:
 def training(history: dict[str, list[dict[str, Any]]]) -> Any | None:
     """Loss and accuracy per epoch, training (solid) and validation (dashed), for each trained
     model: the fp32 fine-tuning (``fp32``) and every QAT variant. QAT starts from the fine-tuned
-    fp32 model, so its epochs are drawn after the fp32 ones, past a dotted line."""
+    fp32 model, so its epochs are drawn after the fp32 ones, past a dotted line. In a sweep the
+    names end in ``@arch``, and a QAT variant follows its own arch's ``fp32@arch``."""
     series = {name: h for name, h in (history or {}).items() if h}
     if not series:
         return None
@@ -170,10 +230,14 @@ def training(history: dict[str, list[dict[str, Any]]]) -> Any | None:
 
     fig = _figure(*SIZES_IN["training"])
     loss_ax, acc_ax = fig.subplots(1, 2)
-    fp32_epochs = max((e["epoch"] for e in series.get("fp32", [])), default=0)
+    def fp32_of(name: str) -> str:  # the fine-tuning a model started from: fp32, or fp32@arch in a sweep
+        return "fp32" + name[name.index("@"):] if "@" in name else "fp32"
+
+    ends = {name: max((e["epoch"] for e in h), default=0) for name, h in series.items() if fp32_of(name) == name}
+    fp32_epochs = max(ends.values(), default=0)
     for n, (name, epochs) in enumerate(series.items()):
         colour = SERIES[n % len(SERIES)]
-        x = [e["epoch"] + (0 if name == "fp32" else fp32_epochs) for e in epochs]
+        x = [e["epoch"] + (0 if name == fp32_of(name) else ends.get(fp32_of(name), 0)) for e in epochs]
         for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
             for split, style in (("train", "-"), ("val", "--")):
                 y = [e.get(f"{split}_{metric}") for e in epochs]

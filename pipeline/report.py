@@ -8,7 +8,16 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from pipeline.plots import FILES, TITLES, selection_batch, sensitivity_groups
+from pipeline.plots import (
+    FILES,
+    TITLES,
+    baseline_of,
+    is_baseline,
+    is_sweep,
+    ordered,
+    selection_batch,
+    sensitivity_groups,
+)
 
 
 def entry(bench: dict[str, Any]) -> dict[str, Any]:
@@ -50,20 +59,29 @@ def _mb(n: int | None) -> str:
 
 
 def table(summary: dict[str, Any]) -> list[list[str]]:
-    """Rows (with a header) of the variant table that the CLI prints and the report shows."""
+    """Rows (with a header) of the variant table that the CLI prints and the report shows. A
+    sweep's table has arch and set columns, lists each arch's fp32 (FAILED if it was not
+    measured) before that arch's variants, and gives each drop against the row's own arch's fp32."""
     batches = [str(b) for b in summary.get("batch_sizes", [])]
-    header = ["variant", "method", "top-1", "drop vs fp32"] + [f"p50 ms @{b}" for b in batches] + \
-             ["size", "int8/fp32 layers", "selected"]
+    sweep = is_sweep(summary)
+    header = ["variant"] + (["arch", "set"] if sweep else []) + ["method", "top-1", "drop vs fp32"] + \
+             [f"p50 ms @{b}" for b in batches] + ["size", "int8/fp32 layers", "selected"]
     rows = [header]
-    base = summary.get("baseline")
-    for v in ([base] if base else []) + summary.get("variants", []):
+    listed = ordered(summary)
+    if sweep:
+        listed = [r for arch, b in summary["baselines"].items() for r in
+                  ([b] if b else [{"name": f"fp32@{arch}", "variant": "fp32", "arch": arch, "method": "fp32"}]) +
+                  [v for v in summary.get("variants", []) if v.get("arch") == arch]]
+    for v in listed:
+        where = [v.get("variant", v["name"]), v.get("arch") or "-", v.get("set") or "-"] if sweep else [v["name"]]
         if v.get("accuracy_top1") is None:
-            rows.append([v["name"], v.get("method", "?"), "FAILED", "-"] + ["-"] * len(batches) +
+            rows.append(where + [v.get("method", "?"), "FAILED", "-"] + ["-"] * len(batches) +
                         ["-", "-", ""])
             continue
-        drop = "" if v is base else f"{base['accuracy_top1'] - v['accuracy_top1']:+.4f}" if base else "-"
+        base = baseline_of(summary, v)
+        drop = "" if is_baseline(summary, v) else f"{base['accuracy_top1'] - v['accuracy_top1']:+.4f}" if base else "-"
         layers = "-" if v.get("int8_layers") is None else f"{v['int8_layers']}/{v['fp32_layers']}"
-        rows.append([v["name"], v["method"], f"{v['accuracy_top1']:.4f}", drop or "(baseline)"] +
+        rows.append(where + [v["method"], f"{v['accuracy_top1']:.4f}", drop or "(baseline)"] +
                     [f"{v['latency_ms_p50'][b]:.2f}" for b in batches] +
                     [_mb(v["size_bytes"]), layers, "*" if summary.get("selected") == v["name"] else ""])
     return rows
@@ -82,6 +100,12 @@ CAPTIONS = {
                         "is the Pareto front (no other model is both faster and more accurate), the dotted line "
                         "is the accuracy budget below the fp32 baseline, and the ringed point is the selected "
                         "variant: the fastest one above that line.",
+    "accuracy_latency_sweep": "Top-1 against p50 latency at batch {batch} for every model of the sweep, one colour "
+                              "and marker per arch, each arch's fp32 a square. The green step line is the Pareto "
+                              "front over all of them. Each arch has its own accuracy budget, {budget:g} below its "
+                              "own fp32, so no single budget line is drawn: a filled point is within the budget of "
+                              "its arch's fp32, a hollow one is not. The ringed point is the selected variant: the "
+                              "fastest filled one.",
     "size": "Size of each deployable artifact (the TorchScript file that users load).",
     "sensitivity": "Each layer measured alone in int8 (every other layer fp32) on the validation split: the top-1 "
                    "it loses and the SQNR of the logits against fp32. The most sensitive layers come first; red "
@@ -111,11 +135,14 @@ def _counts(rows: list[dict]) -> tuple[int, int]:
 
 
 def _not_plotted(summary: dict[str, Any]) -> list[str]:
-    return [str(v["name"]) for v in summary.get("variants", []) if v.get("accuracy_top1") is None]
+    missing = [f"fp32@{arch}" for arch, b in (summary.get("baselines") or {}).items() if not b]
+    return missing + [str(v["name"]) for v in summary.get("variants", []) if v.get("accuracy_top1") is None]
 
 
 def _caption(kind: str, summary: dict[str, Any]) -> str:
-    text = CAPTIONS[kind].format(batch=selection_batch(summary))
+    if kind == "accuracy_latency" and is_sweep(summary):
+        kind = "accuracy_latency_sweep"
+    text = CAPTIONS[kind].format(batch=selection_batch(summary), budget=summary.get("accuracy_budget") or 0.0)
     missing = _not_plotted(summary)
     if missing and kind != "training":
         text += f" Not shown (no result): {', '.join(missing)}."
@@ -217,7 +244,7 @@ def markdown(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
         out += ["## Skipped files", ""] + [f"- {_code(s['file'])}: {_cell(s['reason'])}"
                                            for s in data["skipped"][:200]] + [""]
     out += ["## Artifacts", ""]
-    for v in ([summary["baseline"]] if summary.get("baseline") else []) + summary.get("variants", []):
+    for v in ordered(summary):
         if v.get("artifact"):
             out.append(f"- {_cell(v['name'])}: {_code(v['artifact'])} (manifest {_code(v['manifest'])})")
     return "\n".join(out) + "\n"
@@ -279,7 +306,7 @@ def html_page(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
                "</tr></thead><tbody>")
     selected_col = header.index("selected")
     for r in rows[1:]:
-        cls = "selected" if r[selected_col] == "*" else "failed" if r[2] == "FAILED" else ""
+        cls = "selected" if r[selected_col] == "*" else "failed" if r[header.index("top-1")] == "FAILED" else ""
         cells = "".join(f'<td class="num">{_e(c)}</td>' if h in NUMERIC or h.startswith("p50") else f"<td>{_e(c)}</td>"
                         for h, c in zip(header, r, strict=True))
         out.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
@@ -324,7 +351,7 @@ def html_page(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
         out.append("</ul></details>")
     out.append('<h2>Artifacts</h2><p>Next to this page: <a href="summary.json">summary.json</a> and '
                '<a href="report.md">report.md</a>.</p><ul>')
-    for v in ([summary["baseline"]] if summary.get("baseline") else []) + summary.get("variants", []):
+    for v in ordered(summary):
         if v.get("artifact"):
             out.append(f"<li>{_e(v['name'])}: <code>{_e(v['artifact'])}</code> "
                        f"(manifest <code>{_e(v['manifest'])}</code>)</li>")

@@ -51,7 +51,10 @@ def _upload_checkpoint(value: str, store: Store) -> dict[str, Any]:
 
 
 def spec_digest(spec: PipelineSpec) -> str:
-    return sha256_bytes(canonical_json(spec.model_dump(mode="json")).encode())
+    dump = spec.model_dump(mode="json")
+    if dump.get("sweep") is None:  # a spec without a sweep keeps the digest it had before sweeps existed
+        dump.pop("sweep", None)
+    return sha256_bytes(canonical_json(dump).encode())
 
 
 def run_in_process(spec: PipelineSpec | dict | str, store: Store, *, run_id: str | None = None,

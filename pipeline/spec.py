@@ -2,6 +2,9 @@
 enqueued). Workers only re-parse the JSON they are sent.
 
 Every refusal names the field and says how to fix it; see ``load_spec``.
+
+A spec may hold a ``sweep``: several archs and/or named sets of variants, run as one grid (every
+variant of every set on every arch) with one report. Without it a spec means what it always did.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import SpecError
 
@@ -35,6 +39,21 @@ def _check_name(value: str, what: str) -> str:
             "starting with a letter or digit, without '/' or '..'"
         )
     return value
+
+
+def _check_arch(value: str) -> str:
+    archs = classification_archs()
+    if value not in archs:
+        close = difflib.get_close_matches(value, archs, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
+        raise ValueError(f"unknown arch {value!r}: {hint}")
+    return value
+
+
+def _refuse(field: str, message: str) -> PydanticCustomError:
+    """A cross-field refusal, reported at ``field`` (a dotted path) rather than at the model that
+    checked it (see ``_explain``)."""
+    return PydanticCustomError("spec_field", "{message}", {"field": field, "message": message})
 
 
 class DataSpec(_Strict):
@@ -71,12 +90,7 @@ class ModelSpec(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        archs = classification_archs()
-        if value not in archs:
-            close = difflib.get_close_matches(value, archs, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
-            raise ValueError(f"unknown arch {value!r}: {hint}")
-        return value
+        return _check_arch(value)
 
     @model_validator(mode="after")
     def _known_weights(self) -> ModelSpec:
@@ -176,20 +190,62 @@ class VariantSpec(_Strict):
 
 class QuantizeSpec(_Strict):
     backend: Literal["x86", "qnnpack"] = "x86"
-    variants: list[VariantSpec] = Field(min_length=1)
+    # required, unless sweep.variant_sets lists the variants instead (checked by PipelineSpec)
+    variants: list[VariantSpec] | None = Field(None, min_length=1)
     sensitivity_parts: int = Field(
         4, ge=1, le=256, description="tasks each sensitivity analysis is split into (layers dealt round-robin): "
         "with N cpu workers, N or more parts finish about N times sooner than one")
 
     @field_validator("variants")
     @classmethod
-    def _unique(cls, value: list[VariantSpec]) -> list[VariantSpec]:
+    def _unique(cls, value: list[VariantSpec] | None) -> list[VariantSpec] | None:
         seen: set[str] = set()
-        for v in value:
+        for v in value or []:
             if v.name in seen:
                 raise ValueError(f"variant name {v.name!r} is used twice: names must be unique")
             seen.add(v.name)
         return value
+
+
+class SweepSpec(_Strict):
+    """A grid: every variant of every set, on every arch. ``archs`` defaults to [model.arch] and
+    ``variant_sets`` to quantize.variants (as one set without a name); give at least one."""
+    archs: list[str] | None = Field(None, min_length=1, max_length=32)
+    variant_sets: dict[str, list[VariantSpec]] | None = Field(None, min_length=1)
+
+    @field_validator("archs")
+    @classmethod
+    def _archs(cls, value: list[str] | None) -> list[str] | None:
+        for i, arch in enumerate(value or []):
+            _check_arch(arch)
+            if arch in value[:i]:
+                raise ValueError(f"arch {arch!r} is listed twice: list each arch once")
+        return value
+
+    @field_validator("variant_sets")
+    @classmethod
+    def _sets(cls, value: dict[str, list[VariantSpec]] | None) -> dict[str, list[VariantSpec]] | None:
+        # a name is a row of the report and a node of the plan per arch: one definition per name, even
+        # when two sets would list the same variant (put it in one set; every arch measures it once)
+        owner: dict[str, str] = {}
+        for set_name, variants in (value or {}).items():
+            _check_name(set_name, "variant set name")
+            if not variants:
+                raise ValueError(f"variant set {set_name!r} is empty: list at least one variant or remove the set")
+            for v in variants:
+                if v.name in owner:
+                    where = f"in set {set_name!r}" if owner[v.name] == set_name else \
+                        f"in sets {owner[v.name]!r} and {set_name!r}"
+                    raise ValueError(f"variant name {v.name!r} is used twice ({where}): names must be unique across "
+                                     "all variant sets; list a variant in one set only")
+                owner[v.name] = set_name
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SweepSpec:
+        if self.archs is None and self.variant_sets is None:
+            raise ValueError("an empty sweep: give archs, variant_sets or both, or remove sweep")
+        return self
 
 
 class BenchmarkSpec(_Strict):
@@ -215,16 +271,64 @@ class PipelineSpec(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
-    quantize: QuantizeSpec
+    # required, unless sweep.variant_sets lists the variants (checked below)
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
+    sweep: SweepSpec | None = None
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return _check_name(value, "name")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _arch_from_sweep(cls, data: Any) -> Any:
+        """sweep.archs replaces model.arch: the first arch fills it, so that model.weights is
+        checked against the arch it will be loaded into."""
+        sweep = data.get("sweep") if isinstance(data, dict) else None
+        archs = sweep.get("archs") if isinstance(sweep, dict) else None
+        model = data.get("model", {}) if isinstance(data, dict) else None
+        if isinstance(archs, list) and archs and archs[0] in classification_archs() and isinstance(model, dict) \
+                and "arch" not in model:  # an unknown arch is sweep.archs' error, not model.arch's
+            data = {**data, "model": {**model, "arch": archs[0]}}
+        return data
+
+    @model_validator(mode="after")
+    def _sweep_fits(self) -> PipelineSpec:
+        sets = self.sweep.variant_sets if self.sweep else None
+        if sets is None and self.quantize.variants is None:
+            field = "quantize.variants" if "quantize" in self.model_fields_set else "quantize"
+            raise _refuse(field, "required field is missing: add it")
+        if sets is not None and self.quantize.variants is not None:
+            raise _refuse("quantize.variants", "sweep.variant_sets lists this sweep's variants: move these "
+                                               "into a set there, or remove sweep.variant_sets")
+        archs = self.archs()
+        if self.model.arch != archs[0]:
+            raise _refuse("model.arch", f"{self.model.arch!r} is not sweep.archs[0] ({archs[0]!r}): sweep.archs "
+                                        "replaces model.arch, so remove model.arch or list it first in sweep.archs")
+        if len(archs) > 1 and self.model.weights is not None:
+            raise _refuse("model.weights", f"{self.model.weights!r} fits one arch, and the sweep has {len(archs)} "
+                                           f"({', '.join(archs)}): set model.weights: null (each arch starts from "
+                                           "random weights), or sweep one arch")
+        return self
+
+    def archs(self) -> list[str]:
+        """The archs this spec trains: sweep.archs, or model.arch."""
+        return list(self.sweep.archs) if self.sweep and self.sweep.archs else [self.model.arch]
+
+    def variant_sets(self) -> dict[str | None, list[VariantSpec]]:
+        """The variants by set: sweep.variant_sets, or quantize.variants as one set named None."""
+        if self.sweep and self.sweep.variant_sets:
+            return dict(self.sweep.variant_sets)
+        return {None: list(self.quantize.variants or [])}
+
+    def variants(self) -> list[VariantSpec]:
+        """Every variant of every set, in the spec's order."""
+        return [v for vs in self.variant_sets().values() for v in vs]
+
     def static_variants(self) -> list[VariantSpec]:
-        return [v for v in self.quantize.variants if v.method == "static"]
+        return [v for v in self.variants() if v.method == "static"]
 
 
 @functools.cache
@@ -259,7 +363,9 @@ def _explain(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "spec_field":  # a cross-field check names its field (see _refuse)
+            problems.append(f"{e['ctx']['field']}: {e['ctx']['message']}")
+        elif e["type"] == "extra_forbidden":
             parent = ".".join(str(p) for p in e["loc"][:-1]) or "the top level"
             problems.append(f"{loc}: unknown key in {parent}: remove it or check its spelling")
         elif e["type"] == "missing":

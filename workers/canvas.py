@@ -5,6 +5,9 @@ stages hanging under one child of finetune (a calibration fans out again into on
 quantize -> benchmark chain per static variant that uses it, and into a chord over the parts
 of a sensitivity analysis whose body is that variant's quantize -> benchmark). Every signature is immutable:
 stages read their inputs from the store by key, never from the previous task's return value.
+
+A sweep plans one finetune per arch under the one ingest, so the trunk stops at ingest:
+``ingest -> chord(group(one branch per finetune), report)``, the archs in parallel.
 """
 
 from __future__ import annotations

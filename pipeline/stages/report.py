@@ -1,7 +1,12 @@
 """report (cpu): join every benchmark, select the fastest variant within the accuracy budget,
 draw the pictures, and write ``summary.json``, ``report.md``, ``report.html`` and the PNGs side
 by side under ``runs/{run_id}/``. Runs even when some variants failed: the summary lists what
-succeeded and names each failure, and the pictures show what was measured."""
+succeeded and names each failure, and the pictures show what was measured.
+
+In a sweep (plan entries with an ``arch``) there is one fp32 baseline per arch, under
+``baselines``; ``baseline`` stays the first arch's. Each row is named like its plan node
+(``variant@arch``), carries its ``variant``, ``arch`` and ``set``, and its ``accuracy_drop`` is
+against its own arch's fp32, which is what the selection reads."""
 
 from __future__ import annotations
 
@@ -15,6 +20,15 @@ from pipeline.stages import StageContext, manifest_key, register
 log = logging.getLogger(__name__)
 
 
+def _placed(row: dict, v: dict) -> dict:
+    """``row`` as the plan's entry ``v`` places it: in a sweep, named ``variant@arch``, with its
+    variant, arch and set; without a sweep, unchanged."""
+    if "arch" not in v:
+        return row
+    return {"name": v["name"], "variant": v["name"].removesuffix(f"@{v['arch']}"), "arch": v["arch"],
+            "set": v.get("set")} | {k: x for k, x in row.items() if k != "name"}
+
+
 @register("report", version=2, queue="cpu", cached=False, partial_inputs=True)
 def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     data = inputs.get("data")
@@ -25,16 +39,22 @@ def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         if b is not None:
             b["manifest_uri"] = ctx.store.url(manifest_key("benchmark", b["key"]))
             benches[v["name"]] = b
-    baseline = entry(benches["fp32"]) if "fp32" in benches else None
+    sweep = any("arch" in v for v in cfg["variants"])
+    # arch -> its fp32 row (None if not measured); without a sweep, the one baseline under None
+    baselines = {v.get("arch"): _placed(entry(benches[v["name"]]), v) if v["name"] in benches else None
+                 for v in cfg["variants"] if v["method"] == "fp32"}
+    baseline = next(iter(baselines.values()), None)  # the first arch's
     variants = []
-    for v in cfg["variants"][1:]:
+    for v in (v for v in cfg["variants"] if v["method"] != "fp32"):
+        base = baselines.get(v.get("arch"))
         if v["name"] in benches:
-            row = entry(benches[v["name"]])
-            if baseline:
-                row["accuracy_drop"] = baseline["accuracy_top1"] - row["accuracy_top1"]
+            row = _placed(entry(benches[v["name"]]), v)
+            if base:
+                row["accuracy_drop"] = base["accuracy_top1"] - row["accuracy_top1"]
             variants.append(row)
         else:
-            variants.append({"name": v["name"], "method": v["method"], "accuracy_top1": None, "status": "FAILED"})
+            variants.append(_placed({"name": v["name"], "method": v["method"], "accuracy_top1": None,
+                                     "status": "FAILED"}, v))
             if not any(f.get("variant") == v["name"] for f in failures):
                 failures.append({"stage": "benchmark", "variant": v["name"], "error": "no benchmark result"})
     batch = str(cfg["batch_sizes"][0])
@@ -42,7 +62,7 @@ def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
                               cfg["accuracy_budget"], batch)
     if ctx.extra.get("cancelled"):
         status = "CANCELLED"
-    elif failures or baseline is None or any(v.get("accuracy_top1") is None for v in variants):
+    elif failures or None in baselines.values() or any(v.get("accuracy_top1") is None for v in variants):
         status = "FAILED"
     else:
         status = "SUCCESS"
@@ -51,6 +71,7 @@ def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "name": cfg["name"],
         "status": status,
         "baseline": baseline,
+        **({"baselines": baselines} if sweep else {}),
         "variants": variants,
         "selected": selected,
         "selection_reason": reason,
