@@ -117,6 +117,7 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
     nodes = [finetune]
     bench_cfg = {"batch_sizes": b.batch_sizes, "threads": b.threads, "warmup": b.warmup,
                  "iterations": b.iterations, "backend": q.backend}
+    onnx = [r for r in b.runtimes if r != "torchscript"]  # the runtimes that run a static variant's ONNX export
     benches = [(_node("benchmark", f"benchmark:fp32{at}", {"variant": "fp32", "method": "fp32", **bench_cfg},
                       {"data": ingest, "model": finetune}, variant=f"fp32{at}"), None)]
     sets = spec.variant_sets()
@@ -153,9 +154,13 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
                 config["sensitivity"] = q.sensitivity_parts
             if v.fallback == "auto":
                 config |= {"fallback": "auto", "accuracy_budget": b.accuracy_budget}
+            if v.method == "static" and onnx:
+                config["export_onnx"] = True
             producer = _node("quantize", f"quantize:{name}", config, inputs, variant=name)
         nodes.append(producer)
-        benches.append((_node("benchmark", f"benchmark:{name}", {"variant": v.name, "method": v.method, **bench_cfg},
+        runtimes = {"runtimes": onnx} if v.method == "static" and onnx else {}
+        benches.append((_node("benchmark", f"benchmark:{name}",
+                              {"variant": v.name, "method": v.method, **bench_cfg, **runtimes},
                               {"data": ingest, "model": producer}, variant=name), set_name))
     nodes.extend(bench for bench, _ in benches)
     return nodes, benches

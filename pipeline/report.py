@@ -37,25 +37,65 @@ def entry(bench: dict[str, Any]) -> dict[str, Any]:
         "sha256": bench["outputs"]["model"]["sha256"],
         "format": bench["format"],
         "manifest": bench.get("manifest_uri"),
-        **{k: bench[k] for k in ("sensitivity", "fallback") if bench.get(k)},
+        **{k: bench[k] for k in ("sensitivity", "fallback", "runtimes", "skipped_runtimes") if bench.get(k)},
     }
 
 
-def select(baseline: dict | None, variants: list[dict], budget: float, batch: str) -> tuple[str | None, str]:
-    """The fastest variant at ``batch`` whose top-1 drop vs fp32 is within ``budget``."""
-    if baseline is None:
+LATENCY_FIELDS = ("latency_ms_p50", "latency_ms_p95", "throughput_ips")
+
+
+def choose_runtimes(row: dict[str, Any], baseline_accuracy: float | None, budget: float) -> None:
+    """Serve ``row`` at each batch size with its fastest runtime whose own top-1 is within
+    ``budget`` of the fp32 baseline, in place: ``runtime`` becomes {batch: runtime} and the
+    latency fields hold that runtime's figures (``runtimes`` keeps every runtime's). A row
+    measured in TorchScript only, or without a baseline, keeps TorchScript."""
+    forms = row.get("runtimes") or {}
+    usable = {rt: m for rt, m in forms.items() if rt == "torchscript" or (
+        baseline_accuracy is not None and baseline_accuracy - m["accuracy_top1"] <= budget + 1e-12)}
+    row["runtime"] = {}
+    for batch in list(row.get("latency_ms_p50", {})):
+        best = min(usable, key=lambda rt: usable[rt]["latency_ms_p50"][batch], default="torchscript")
+        row["runtime"][batch] = best
+        if best != "torchscript":
+            for f in LATENCY_FIELDS:
+                row[f] = {**row[f], batch: usable[best][f][batch]}
+
+
+def select(variants: list[dict], budget: float, batch: str) -> tuple[str | None, str]:
+    """The fastest variant at ``batch`` whose top-1 drop vs its fp32 baseline (each row's
+    ``accuracy_drop``, set by the report stage) is within ``budget``."""
+    measured = [v for v in variants if v.get("accuracy_top1") is not None]
+    if measured and all(v.get("accuracy_drop") is None for v in measured):
         return None, "no fp32 baseline was measured"
-    ok = [v for v in variants if v.get("accuracy_top1") is not None
-          and baseline["accuracy_top1"] - v["accuracy_top1"] <= budget + 1e-12]
+    ok = [v for v in measured if v.get("accuracy_drop") is not None and v["accuracy_drop"] <= budget + 1e-12]
     if not ok:
         return None, f"no variant is within the accuracy budget of {budget:.4f}"
     best = min(ok, key=lambda v: v["latency_ms_p50"][batch])
-    return best["name"], (f"fastest at batch {batch} ({best['latency_ms_p50'][batch]:.2f} ms p50) among "
-                          f"{len(ok)} variant(s) within the accuracy budget of {budget:.4f}")
+    runtime = (best.get("runtime") or {}).get(batch, "torchscript")
+    return best["name"], (f"fastest at batch {batch} ({best['latency_ms_p50'][batch]:.2f} ms p50 on {runtime}) "
+                          f"among {len(ok)} variant(s) within the accuracy budget of {budget:.4f}")
+
+
+def per_batch(variants: list[dict], budget: float, batch_sizes: list) -> dict[str, dict[str, Any]]:
+    """For each batch size, what to deploy: the selected variant, the runtime that serves it and
+    its p50 (batch sizes where nothing is within the budget are left out)."""
+    out = {}
+    for b in (str(b) for b in batch_sizes):
+        name, _ = select(variants, budget, b)
+        if name is not None:
+            row = next(v for v in variants if v["name"] == name)
+            out[b] = {"variant": name, "runtime": (row.get("runtime") or {}).get(b, "torchscript"),
+                      "latency_ms_p50": row["latency_ms_p50"][b]}
+    return out
 
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _latency_cell(row: dict[str, Any], batch: str) -> str:
+    runtime = (row.get("runtime") or {}).get(batch, "torchscript")
+    return f"{row['latency_ms_p50'][batch]:.2f}" + ("" if runtime == "torchscript" else f" ({runtime})")
 
 
 def table(summary: dict[str, Any]) -> list[list[str]]:
@@ -82,7 +122,7 @@ def table(summary: dict[str, Any]) -> list[list[str]]:
         drop = "" if is_baseline(summary, v) else f"{base['accuracy_top1'] - v['accuracy_top1']:+.4f}" if base else "-"
         layers = "-" if v.get("int8_layers") is None else f"{v['int8_layers']}/{v['fp32_layers']}"
         rows.append(where + [v["method"], f"{v['accuracy_top1']:.4f}", drop or "(baseline)"] +
-                    [f"{v['latency_ms_p50'][b]:.2f}" for b in batches] +
+                    [_latency_cell(v, b) for b in batches] +
                     [_mb(v["size_bytes"]), layers, "*" if summary.get("selected") == v["name"] else ""])
     return rows
 
@@ -177,6 +217,23 @@ def sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
         text.append("Latency cost: the variant's p50 minus that of the same model with every layer int8, both "
                     "timed by the benchmark stage in the same task.")
         out.append(("Accuracy-budget fallback", text, rows))
+    measured = [v for v in summary.get("variants", []) if v.get("runtimes") and len(v["runtimes"]) > 1
+                or v.get("skipped_runtimes")]
+    if measured:
+        batches = [str(b) for b in summary.get("batch_sizes", [])]
+        rows = [["variant", "runtime", "top-1"] + [f"p50 ms @{b}" for b in batches] + ["size", "serves"]]
+        text = ["Each static variant runs as its TorchScript file in PyTorch and as its ONNX QDQ export (the same "
+                "int8 model) on ONNX Runtime and OpenVINO. At each batch size the variant is served by its fastest "
+                "runtime whose own top-1 is within the budget; dynamic and QAT variants run in PyTorch only."]
+        for v in measured:
+            for rt, m in v.get("runtimes", {}).items():
+                serves = [b for b in batches if (v.get("runtime") or {}).get(b) == rt]
+                rows.append([v["name"], rt, f"{m['accuracy_top1']:.4f}"] +
+                            [f"{m['latency_ms_p50'][b]:.2f}" for b in batches] +
+                            [_mb(m.get("size_bytes")), ", ".join(f"@{b}" for b in serves) or "-"])
+            for rt, why in (v.get("skipped_runtimes") or {}).items():
+                text.append(f"{v['name']} on {rt}: skipped: {why}")
+        out.append(("Runtimes", text, rows))
     for names, v in sensitivity_groups(summary):
         sens = v["sensitivity"]
         rows = [["rank", "layer", "top-1 drop alone", "SQNR alone (dB)", "top-1 recovered if kept fp32"]]

@@ -254,6 +254,20 @@ class BenchmarkSpec(_Strict):
     accuracy_budget: float = Field(0.01, ge=0.0, le=1.0)
     warmup: int = Field(3, ge=0, le=1000)
     iterations: int = Field(20, ge=1, le=100_000)
+    runtimes: list[Literal["torchscript", "onnxruntime", "openvino"]] = Field(
+        ["torchscript", "onnxruntime", "openvino"],
+        description="where each static variant is measured: its TorchScript file in PyTorch, and its ONNX QDQ "
+        "export on ONNX Runtime and on OpenVINO (optional extras: skipped, with the reason, where missing); "
+        "the report picks the fastest within the accuracy budget for each batch size")
+
+    @field_validator("runtimes")
+    @classmethod
+    def _runtimes(cls, value: list[str]) -> list[str]:
+        if "torchscript" not in value:
+            raise ValueError("torchscript is the reference form every variant is measured in: keep it in the list")
+        if len(set(value)) != len(value):
+            raise ValueError("runtimes must be unique")
+        return value
 
     @field_validator("batch_sizes")
     @classmethod

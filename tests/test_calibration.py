@@ -551,7 +551,9 @@ def test_plan_keys_follow_the_calibration_options(tmp_path: Path) -> None:
             {"name": "h", "method": "static", "observer": "histogram"}]
     plan = _plan(base, store)
     # options at their defaults stay out of the config, so existing keys do not move
-    assert set(plan["quantize:mm"]["config"]) == {"variant", "method", "observer", "per_channel", "backend", "arch"}
+    # (export_onnx: the default benchmark.runtimes measure each static variant's ONNX export)
+    assert set(plan["quantize:mm"]["config"]) == {"variant", "method", "observer", "per_channel", "backend", "arch",
+                                                  "export_onnx"}
     assert plan["quantize:p"]["config"]["percentile"] == DEFAULT_PERCENTILE
     assert plan["calibrate:histogram"]["config"]["observer"] == "histogram"
     assert sorted(i for i in plan if i.startswith("calibrate:")) == ["calibrate:histogram", "calibrate:minmax"]

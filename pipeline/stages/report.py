@@ -14,7 +14,7 @@ import logging
 import time
 
 from pipeline.plots import FILES, render_all
-from pipeline.report import entry, html_page, markdown, select
+from pipeline.report import choose_runtimes, entry, html_page, markdown, per_batch, select
 from pipeline.stages import StageContext, manifest_key, register
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
             row = _placed(entry(benches[v["name"]]), v)
             if base:
                 row["accuracy_drop"] = base["accuracy_top1"] - row["accuracy_top1"]
+            choose_runtimes(row, base["accuracy_top1"] if base else None, cfg["accuracy_budget"])
             variants.append(row)
         else:
             variants.append(_placed({"name": v["name"], "method": v["method"], "accuracy_top1": None,
@@ -58,8 +59,7 @@ def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
             if not any(f.get("variant") == v["name"] for f in failures):
                 failures.append({"stage": "benchmark", "variant": v["name"], "error": "no benchmark result"})
     batch = str(cfg["batch_sizes"][0])
-    selected, reason = select(baseline, [v for v in variants if v.get("accuracy_top1") is not None],
-                              cfg["accuracy_budget"], batch)
+    selected, reason = select(variants, cfg["accuracy_budget"], batch)
     if ctx.extra.get("cancelled"):
         status = "CANCELLED"
     elif failures or None in baselines.values() or any(v.get("accuracy_top1") is None for v in variants):
@@ -75,6 +75,7 @@ def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "variants": variants,
         "selected": selected,
         "selection_reason": reason,
+        "selection_per_batch": per_batch(variants, cfg["accuracy_budget"], cfg["batch_sizes"]),
         "accuracy_budget": cfg["accuracy_budget"],
         "batch_sizes": cfg["batch_sizes"],
         "report": ctx.store.url(f"{ctx.prefix}/report.md"),
