@@ -591,7 +591,11 @@ def run_case(case: Case, args: argparse.Namespace, store: Store, workdir: Path,
                   "status": q.summary["status"], "pipeline_s": round(q.seconds, 1),
                   "cached_stages": q.summary.get("cached_stages"),
                   "variants": {v["name"]: {"method": v.get("method"), "top1": v.get("accuracy_top1"),
-                                           "latency_ms_p50": v.get("latency_ms_p50")}
+                                           "latency_ms_p50": v.get("latency_ms_p50"), "runtime": v.get("runtime"),
+                                           "runtimes": {rt: {"top1": m["accuracy_top1"],
+                                                             "latency_ms_p50": m["latency_ms_p50"]}
+                                                        for rt, m in (v.get("runtimes") or {}).items()},
+                                           "skipped_runtimes": v.get("skipped_runtimes")}
                                for v in q.summary["variants"]}},
         "rows": rows,
         "ratios": ratios,
