@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.plan import build_plan
+from pipeline.runner import prepare_sources
+from pipeline.spec import parse_spec
+from pipeline.store import FileStore
 from workers.servers import RedisServer
 
 SMALL_SPEC = {
@@ -27,6 +31,17 @@ SMALL_SPEC = {
     "benchmark": {"batch_sizes": [1, 8], "threads": 1, "warmup": 1, "iterations": 5, "accuracy_budget": 0.05,
                   "runtimes": ["torchscript"]},
 }
+
+
+@pytest.fixture(scope="module")
+def plan_store(tmp_path_factory: pytest.TempPathFactory) -> FileStore:
+    """A file store for building plans (sources are uploaded when a plan is built)."""
+    return FileStore(tmp_path_factory.mktemp("plan-store"))
+
+
+def plan_of(spec_dict: dict, store: FileStore) -> list[dict]:
+    spec = parse_spec(spec_dict)
+    return build_plan(spec, prepare_sources(spec, store))
 
 
 @pytest.fixture(scope="session")

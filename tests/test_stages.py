@@ -32,8 +32,9 @@ from pipeline.quant import (
 )
 from pipeline.report import choose_runtimes, per_batch, select
 from pipeline.runner import prepare_sources
-from pipeline.spec import load_spec, parse_spec
+from pipeline.spec import load_spec
 from pipeline.store import FileStore
+from tests.conftest import plan_of
 from workers.app import QUEUES, STAGE_QUEUES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,14 +100,6 @@ def test_importing_the_celery_app_does_not_import_torch() -> None:
 
 # ----------------------------------------------------------------------------------- plans
 
-@pytest.fixture(scope="module")
-def plan_store(tmp_path_factory: pytest.TempPathFactory) -> FileStore:
-    return FileStore(tmp_path_factory.mktemp("plan-store"))
-
-
-def plan_of(spec_dict: dict, store: FileStore) -> list[dict]:
-    spec = parse_spec(spec_dict)
-    return build_plan(spec, prepare_sources(spec, store))
 
 
 def keys(plan: list[dict]) -> dict[str, str]:

@@ -23,6 +23,7 @@ from pipeline.runner import prepare_sources, run_in_process
 from pipeline.spec import BenchmarkSpec, load_spec, parse_spec
 from pipeline.stages import execute, manifest_key
 from pipeline.store import FileStore
+from tests.conftest import plan_of
 from tests.test_report import _bench_manifest
 from workers.app import create_app
 from workers.canvas import build_canvas
@@ -125,14 +126,6 @@ def test_example_sweep_loads() -> None:
 
 # ------------------------------------------------------------------------------------- plan
 
-@pytest.fixture(scope="module")
-def plan_store(tmp_path_factory: pytest.TempPathFactory) -> FileStore:
-    return FileStore(tmp_path_factory.mktemp("plan-store"))
-
-
-def plan_of(spec_dict: dict, store: FileStore) -> list[dict]:
-    spec = parse_spec(spec_dict)
-    return build_plan(spec, prepare_sources(spec, store))
 
 
 def test_plan_runs_every_variant_on_every_arch_after_one_ingest(plan_store: FileStore) -> None:
