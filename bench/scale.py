@@ -13,6 +13,12 @@ for the same two cores, which the JSON's ``cores`` states.
 
     python bench/scale.py                 # 6 pipelines per configuration
     python bench/scale.py --pipelines 10
+
+``--sensitivity`` measures the fan-out of one sensitivity analysis instead: one pipeline whose
+minmax variant has ``fallback: auto`` with ``--parts`` parts (default 4), and the span from the
+first part's start to the last part's end, with 1 and then 2 cpu-queue workers.
+
+    python bench/scale.py --sensitivity --parts 4
 """
 
 from __future__ import annotations
@@ -59,12 +65,44 @@ def run_batch(cpu_workers: int, n: int, size: int, timeout: float) -> dict:
             "stages_per_worker": dict(per_worker)}
 
 
+def sensitivity_spec(parts: int, size: int) -> dict:
+    return {
+        "name": "scale-sensitivity",
+        "data": {"source": "builtin:digits", "image_size": size, "calib_size": 64},
+        "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
+        "quantize": {"sensitivity_parts": parts,
+                     "variants": [{"name": "ptq-minmax", "method": "static", "observer": "minmax",
+                                   "fallback": "auto"}]},
+        "benchmark": {"batch_sizes": [1], "iterations": 5, "warmup": 1, "runtimes": ["torchscript"]},
+    }
+
+
+def run_sensitivity(cpu_workers: int, parts: int, size: int, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="qpipe-scale-") as tmp:
+        with EmbeddedCluster(home=Path(tmp), cpu_workers=cpu_workers) as cluster:
+            summary = Client(cluster.broker, cluster.store).submit(sensitivity_spec(parts, size)).wait(
+                timeout=timeout, poll=0.5)
+    rows = [s for s in summary["stages"] if s["stage"] == "sensitivity"]
+    span = max(s["finished"] for s in rows) - min(s["started"] for s in rows)
+    return {"cpu_workers": cpu_workers, "status": summary["status"], "sensitivity_span_seconds": round(span, 1),
+            "part_seconds": [round(s["finished"] - s["started"], 1) for s in rows],
+            "parts_per_worker": dict(Counter(s["worker"] for s in rows))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipelines", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--sensitivity", action="store_true", help="time one sensitivity analysis's fan-out instead")
+    ap.add_argument("--parts", type=int, default=4)
     args = ap.parse_args()
+    if args.sensitivity:
+        runs = [run_sensitivity(k, args.parts, args.image_size, args.timeout) for k in (1, 2)]
+        print(json.dumps({"parts": args.parts, "image_size": args.image_size, "cores": len(os.sched_getaffinity(0)),
+                          "runs": runs, "speedup": round(runs[0]["sensitivity_span_seconds"]
+                                                         / runs[1]["sensitivity_span_seconds"], 2)}, indent=2))
+        return
     runs = [run_batch(k, args.pipelines, args.image_size, args.timeout) for k in (1, 2)]
     print(json.dumps({"pipelines": args.pipelines, "image_size": args.image_size,
                       "cores": len(os.sched_getaffinity(0)), "runs": runs,
