@@ -37,7 +37,8 @@ def small_spec(i: int) -> dict:
         "data": {"source": "builtin:digits", "image_size": 16, "calib_size": 32},
         "finetune": {"epochs": 1, "batch_size": 64, "lr": round(0.01 + 0.0001 * i, 6)},
         "quantize": {"variants": [{"name": "ptq", "method": "static", "observer": "minmax"}]},
-        "benchmark": {"batch_sizes": [1], "iterations": 3, "warmup": 1, "accuracy_budget": 1.0},
+        "benchmark": {"batch_sizes": [1], "iterations": 3, "warmup": 1, "accuracy_budget": 1.0,
+                      "runtimes": ["torchscript"]},  # orchestration, not the ONNX runtimes
     }
 
 

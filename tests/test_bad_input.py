@@ -56,7 +56,8 @@ def tiny_spec(source: str, name: str = "bad-input", **data: Any) -> dict:
         "model": {"arch": "resnet18"},
         "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.01},
         "quantize": {"variants": [{"name": "ptq-minmax", "method": "static", "observer": "minmax"}]},
-        "benchmark": {"batch_sizes": [1], "iterations": 1, "warmup": 0, "accuracy_budget": 1.0},
+        "benchmark": {"batch_sizes": [1], "iterations": 1, "warmup": 0, "accuracy_budget": 1.0,
+                      "runtimes": ["torchscript"]},
     }
 
 

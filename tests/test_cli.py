@@ -25,7 +25,8 @@ TINY = {
     "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
     "quantize": {"variants": [{"name": "ptq", "method": "static", "observer": "minmax"},
                               {"name": "dyn", "method": "dynamic"}]},
-    "benchmark": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1, "accuracy_budget": 1.0},
+    "benchmark": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1, "accuracy_budget": 1.0,
+                  "runtimes": ["torchscript"]},
 }
 
 

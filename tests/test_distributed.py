@@ -173,7 +173,8 @@ def test_image_folder_with_broken_files_is_skipped_and_reported(cluster, tmp_pat
     spec = {"name": "folder", "data": {"source": "data", "image_size": 16, "calib_size": 8, "val_fraction": 0.25},
             "finetune": {"epochs": 1, "batch_size": 16},
             "quantize": {"variants": [{"name": "ptq", "method": "static", "observer": "minmax"}]},
-            "benchmark": {"batch_sizes": [1], "iterations": 2, "warmup": 0, "accuracy_budget": 1.0}}
+            "benchmark": {"batch_sizes": [1], "iterations": 2, "warmup": 0, "accuracy_budget": 1.0,
+                          "runtimes": ["torchscript"]}}
     path = tmp_path / "spec.yaml"
     import yaml
 

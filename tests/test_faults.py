@@ -32,7 +32,8 @@ SPEC = {
     "quantize": {"variants": [{"name": "ptq", "method": "static", "observer": "histogram"},
                               {"name": "dyn", "method": "dynamic"},
                               {"name": "qat", "method": "qat", "epochs": 1, "lr": 0.001}]},
-    "benchmark": {"batch_sizes": [1, 16], "iterations": 25, "warmup": 2, "accuracy_budget": 1.0},
+    "benchmark": {"batch_sizes": [1, 16], "iterations": 25, "warmup": 2, "accuracy_budget": 1.0,
+                  "runtimes": ["torchscript"]},
 }
 
 

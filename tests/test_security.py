@@ -50,7 +50,8 @@ def tiny_spec(source: str, name: str = "secure", iterations: int = 1) -> dict:
         "data": {"source": source, "image_size": 16, "calib_size": 8},
         "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.01},
         "quantize": {"variants": [{"name": "ptq-minmax", "method": "static", "observer": "minmax"}]},
-        "benchmark": {"batch_sizes": [1], "iterations": iterations, "warmup": 0, "accuracy_budget": 1.0},
+        "benchmark": {"batch_sizes": [1], "iterations": iterations, "warmup": 0, "accuracy_budget": 1.0,
+                      "runtimes": ["torchscript"]},
     }
 
 

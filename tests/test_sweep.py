@@ -285,7 +285,8 @@ RUN_SPEC = {
     "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
     "sweep": {"archs": ARCHS, "variant_sets": {"ptq": SETS["ptq"][1:] + [
         {"name": "ptq-minmax", "method": "static", "observer": "minmax"}], "dynamic": SETS["dynamic"]}},
-    "benchmark": {"batch_sizes": [1], "warmup": 1, "iterations": 3, "accuracy_budget": 0.05},
+    "benchmark": {"batch_sizes": [1], "warmup": 1, "iterations": 3, "accuracy_budget": 0.05,
+                  "runtimes": ["torchscript"]},
 }
 if "runtimes" in BenchmarkSpec.model_fields:  # TorchScript only: the other runtimes have their own tests
     RUN_SPEC["benchmark"]["runtimes"] = ["torchscript"]
