@@ -33,13 +33,29 @@ def _rounded(latency: dict[str, dict]) -> dict[str, dict]:
             "throughput_ips": {bs: round(v["throughput_ips"], 2) for bs, v in latency.items()}}
 
 
+def time_each_batch(ctx: StageContext, cfg: dict, fresh, xv, n: dict, *, label: str = "",
+                    progress: tuple[float, float] = (0.5, 0.3)) -> dict[str, dict]:
+    """``pipeline.bench.measure_latency`` at each batch size of ``cfg``, each on a freshly
+    loaded model ``fresh(batch_size)`` first called at that size (see the module docstring), on
+    validation images; ``progress`` is the (start, span) of the stage's progress it covers."""
+    import torch
+
+    latency = {}
+    sizes = cfg["batch_sizes"]
+    for i, bs in enumerate(sizes):
+        ctx.progress(progress[0] + progress[1] * i / len(sizes), f"{label}latency at batch {bs}")
+        ctx.check_cancelled(every=0.0)
+        idx = torch.arange(bs) % len(xv)
+        latency[str(bs)] = measure_latency(fresh(bs), normalize(xv[idx], **n), warmup=cfg["warmup"],
+                                           iterations=cfg["iterations"])
+    return latency
+
+
 def other_runtimes(ctx: StageContext, cfg: dict, producer: dict, xv, yv, n: dict) -> tuple[dict, dict, dict]:
     """Top-1 and latency of the variant's ONNX export on each runtime of ``cfg["runtimes"]``
     (ONNX Runtime, OpenVINO), timed like the TorchScript form: a fresh runner per batch size,
     first called at that size. Returns ({runtime: metrics}, {runtime: why it was skipped}, the
     stored ONNX file's reference or {})."""
-    import torch
-
     wanted = cfg.get("runtimes", [])
     if not wanted:
         return {}, {}, {}
@@ -61,21 +77,15 @@ def other_runtimes(ctx: StageContext, cfg: dict, producer: dict, xv, yv, n: dict
         acc = evaluate(load_runner(rt, path, threads=cfg["threads"], batch_size=None), xv, yv, batch_size=64,
                        **n)["accuracy"]
         ctx.images(len(yv), "eval")
-        latency = {}
-        for bs in cfg["batch_sizes"]:
-            ctx.progress(0.85, f"{rt}: latency at batch {bs}")
-            idx = torch.arange(bs) % len(xv)
-            latency[str(bs)] = measure_latency(load_runner(rt, path, threads=cfg["threads"], batch_size=bs),
-                                               normalize(xv[idx], **n), warmup=cfg["warmup"],
-                                               iterations=cfg["iterations"])
+        latency = time_each_batch(ctx, cfg, lambda bs, rt=rt: load_runner(rt, path, threads=cfg["threads"],
+                                                                         batch_size=bs),
+                                  xv, n, label=f"{rt}: ", progress=(0.85, 0.1))
         out[rt] = {"accuracy_top1": acc, **_rounded(latency), "size_bytes": artifact.size, "artifact": artifact.uri}
     return out, skipped, {"onnx": artifact.to_dict()}
 
 
 @register("benchmark", version=3, queue="cpu")
 def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
-    import torch
-
     data, producer = inputs["data"], inputs["model"]
     set_engine(cfg["backend"])
     model_ref = producer["outputs"]["model"]
@@ -90,22 +100,13 @@ def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
 
         acc = evaluate(model, xv, yv, batch_size=64, on_batch=counting(ctx, "eval", len(yv), 64, on_batch),
                        **n)["accuracy"]
-        latency = {}
-        for i, bs in enumerate(cfg["batch_sizes"]):
-            ctx.progress(0.5 + 0.5 * i / len(cfg["batch_sizes"]), f"latency at batch {bs}")
-            ctx.check_cancelled(every=0.0)
-            idx = torch.arange(bs) % len(xv)
-            latency[str(bs)] = measure_latency(load_torchscript(path), normalize(xv[idx], **n),
-                                               warmup=cfg["warmup"], iterations=cfg["iterations"])
+        latency = time_each_batch(ctx, cfg, lambda bs: load_torchscript(path), xv, n)
         fallback = producer.get("fallback")
         if fallback and "all_int8" in producer["outputs"]:  # what keeping layers fp32 costs, timed alike
             all_int8 = ctx.fetch(producer["outputs"]["all_int8"], "all-int8.ts")
-            base = {}
-            for bs in cfg["batch_sizes"]:
-                ctx.progress(0.95, f"all-int8 latency at batch {bs}")
-                idx = torch.arange(bs) % len(xv)
-                base[str(bs)] = measure_latency(load_torchscript(all_int8), normalize(xv[idx], **n),
-                                                warmup=cfg["warmup"], iterations=cfg["iterations"])["p50_ms"]
+            timed = time_each_batch(ctx, cfg, lambda bs: load_torchscript(all_int8), xv, n, label="all-int8 ",
+                                    progress=(0.8, 0.05))
+            base = {bs: v["p50_ms"] for bs, v in timed.items()}
             fallback = {**fallback, "latency_ms_p50_all_int8": {bs: round(v, 4) for bs, v in base.items()},
                         "latency_cost_ms": {bs: round(latency[bs]["p50_ms"] - base[bs], 4) for bs in base}}
         runtimes, skipped, exported = other_runtimes(ctx, cfg, producer, xv, yv, n)
