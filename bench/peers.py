@@ -439,10 +439,11 @@ def latency_forms(q: QpipeRun, ov_xml: Path, ort_path: Path, n_threads: int, bs:
 
 
 def fastest_peer_ratios(per_form: dict[str, list[dict]], peers: tuple[str, ...] = PEERS,
-                        rounds: list[int] | None = None) -> float | None:
-    """Median over rounds of qpipe's p50 over the fastest peer's p50 in that same round."""
-    idx = range(len(per_form[QPIPE])) if rounds is None else rounds
-    ratios = [per_form[QPIPE][r]["p50_ms"] / min(per_form[p][r]["p50_ms"] for p in peers) for r in idx]
+                        rounds: list[int] | None = None, form: str = QPIPE) -> float | None:
+    """Median over rounds of ``form``'s p50 (qpipe's, by default) over the fastest peer's p50 in
+    that same round."""
+    idx = range(len(per_form[form])) if rounds is None else rounds
+    ratios = [per_form[form][r]["p50_ms"] / min(per_form[p][r]["p50_ms"] for p in peers) for r in idx]
     return statistics.median(ratios) if ratios else None
 
 
@@ -567,8 +568,7 @@ def run_case(case: Case, args: argparse.Namespace, store: Store, workdir: Path,
         ratios["qpipe_after_eval_vs_fresh"][str(bs)] = round(median_ratio(per_form[QPIPE_AFTER_EVAL],
                                                                           per_form[QPIPE_TORCHSCRIPT]), 3)
         ratios.setdefault("qpipe_torchscript_vs_fastest_peer", {})[str(bs)] = round(
-            statistics.median(a["p50_ms"] / min(per_form[p][r]["p50_ms"] for p in PEERS)
-                              for r, a in enumerate(per_form[QPIPE_TORCHSCRIPT])), 3)
+            fastest_peer_ratios(per_form, form=QPIPE_TORCHSCRIPT), 3)
     ratios["accuracy_drop_vs_nncf"] = drop_verdict(drops, val_n)
     noise = {"other_load_per_round": {str(bs): [None if v is None else round(v, 3) for v in ls]
                                       for bs, ls in loads.items()},
