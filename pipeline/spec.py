@@ -128,8 +128,8 @@ class VariantSpec(_Strict):
         False, description="static only: after conversion, shift each int8 conv/linear bias by its mean "
         "output error against fp32 on the calibration images")
     sensitivity: bool = Field(
-        False, description="static only: measure every layer's effect on top-1 and SQNR (keeping it fp32, "
-        "all others int8), split over quantize.sensitivity_parts tasks; the report ranks the layers")
+        False, description="static only: measure every layer's effect on top-1 and SQNR (that layer alone in "
+        "int8, and all but it), split over quantize.sensitivity_parts tasks; the report ranks the layers")
     fallback: Literal["none", "auto"] = Field(
         "none", description="static only: auto keeps the most sensitive layers fp32, fewest first, until the "
         "top-1 drop is within benchmark.accuracy_budget (implies sensitivity)")
