@@ -20,7 +20,10 @@ SMALL_SPEC = {
     "seed": 0,
     "data": {"source": "builtin:digits", "image_size": 32, "calib_size": 64},
     "model": {"arch": "resnet18"},
-    "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
+    # Two epochs at batch 32 (90 steps) train to 0.89-0.94 val top-1 for seeds 0-3 on this data, far
+    # from the tests' 0.5 floor on any CPU; one epoch at batch 64 ended anywhere from 0.15 to 0.66
+    # with the seed alone, and at 0.36 on an AMD EPYC where oneDNN picks other kernels than here.
+    "finetune": {"epochs": 2, "batch_size": 32, "lr": 0.01},
     "quantize": {"backend": "x86", "variants": [
         {"name": "ptq-minmax", "method": "static", "observer": "minmax"},
         {"name": "ptq-histogram", "method": "static", "observer": "histogram"},

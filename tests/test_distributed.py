@@ -70,7 +70,8 @@ def test_all_four_methods_succeed_and_are_benchmarked(first_run):
         else:  # static and QAT: every conv and linear of resnet18 runs in int8
             assert (v["int8_layers"], v["fp32_layers"]) == (21, 0)
             assert v["size_bytes"] < 0.3 * base["size_bytes"]
-    assert base["accuracy_top1"] > 0.5, "one epoch on digits should beat chance by far"
+    # chance is 0.1; SMALL_SPEC trains to about 0.9 (see conftest), so this holds on any CPU
+    assert base["accuracy_top1"] > 0.5, "two epochs on digits should beat chance by far"
     assert s["selected"] in methods
     sel = next(v for v in s["variants"] if v["name"] == s["selected"])
     assert base["accuracy_top1"] - sel["accuracy_top1"] <= s["accuracy_budget"] + 1e-9

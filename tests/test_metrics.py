@@ -318,6 +318,8 @@ METRICS_SPEC = {
     **copy.deepcopy(SMALL_SPEC),
     "name": "digits-metrics",
     "data": {"source": "builtin:digits", "image_size": 16, "calib_size": 32},
+    # one epoch, so each split goes through the model once per stage (the image counts below)
+    "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
     "quantize": {"backend": "x86", "variants": [{"name": "ptq-minmax", "method": "static", "observer": "minmax"}]},
     # TorchScript only: each runtime's accuracy pass would count its own validation images
     "benchmark": {"batch_sizes": [1, 8], "threads": 1, "warmup": 1, "iterations": 3, "accuracy_budget": 0.2,
