@@ -4,7 +4,12 @@ QpipeError
  ├── ConfigError      bad input (spec, dataset, checkpoint, credentials): never retried;
  │    └── SpecError   the spec file itself was refused, before anything was enqueued
  ├── StageError       a stage could not finish for a reason tied to its inputs (an unsupported
- │                    layer, a missing upstream artifact): never retried, recorded with its cause
+ │    │               layer, a missing upstream artifact): never retried, recorded with its cause
+ │    ├── CorruptArtifact  a stored object does not hash to the sha256 its manifest records (bit
+ │    │                    rot, a truncated upload, tampering): never retried as an outage and
+ │    │                    never loaded; a cached stage holding one is recomputed when next run
+ │    └── OutOfMemory      the stage ran out of accelerator memory: never retried (the same batch
+ │                         would not fit); its checkpoints are kept for a rerun to resume from
  ├── TransientError   the store or broker is unreachable right now: retried with backoff
  └── Cancelled        the run was cancelled; the stage stopped cooperatively
 """
@@ -30,6 +35,20 @@ class SpecError(ConfigError):
 
 class StageError(QpipeError):
     """A stage failed for a reason that retrying would not change."""
+
+
+class CorruptArtifact(StageError):
+    """A stored object's bytes do not match the sha256 recorded for it; it was not loaded."""
+
+    def __init__(self, uri: str, key: str, expected: str, actual: str, size: int) -> None:
+        self.uri, self.key, self.expected, self.actual, self.size = uri, key, expected, actual, size
+        super().__init__(f"{uri} is corrupt: its {size} bytes hash to sha256 {actual}, but {expected} was "
+                         "recorded; it was not loaded. Rerun: a cached stage with a corrupt output is "
+                         "recomputed (a source or weights file is uploaded again once the object is deleted)")
+
+
+class OutOfMemory(StageError):
+    """A stage ran out of accelerator memory; the message names the batch size and the fix."""
 
 
 class TransientError(QpipeError):

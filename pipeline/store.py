@@ -9,10 +9,16 @@ Writes are atomic per object (temporary name then rename on disk; a single PUT o
 multipart upload on S3), so a reader sees a whole object or none. Transient failures are retried
 with exponential backoff and jitter and then raised as ``TransientError``; refusals that retrying
 cannot fix (missing bucket, wrong credentials) are raised as ``ConfigError``.
+
+Every read of an artifact by reference checks its sha256: ``fetch`` before the file is handed
+to a loader, ``verify`` by streaming the object through the hash (nothing written to disk). A
+mismatch is ``CorruptArtifact``, never ``TransientError``: the bytes at rest are wrong, and
+waiting for the store to come back would not change them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -28,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.errors import ConfigError, TransientError
+from pipeline.errors import ConfigError, CorruptArtifact, TransientError
 from pipeline.hashing import CHUNK, sha256_bytes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,10 @@ class Store(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def digest(self, key: str) -> tuple[str, int]:
+        """The sha256 and size of the stored object, read as a stream (no local copy)."""
+
+    @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (a folder-like prefix ending without '/'), sorted."""
 
@@ -131,15 +141,28 @@ class Store(ABC):
         return json.loads(self.get_bytes(key))
 
     def fetch(self, ref: ArtifactRef | dict, dest: str | Path) -> Path:
-        """Download ``ref`` to ``dest`` and verify its digest."""
+        """Download ``ref`` to ``dest`` and verify its digest; a mismatch deletes the download and
+        raises CorruptArtifact, so nothing corrupt reaches a loader."""
         if isinstance(ref, dict):
             ref = ArtifactRef.from_dict(ref)
-        path = self.get_file(self.key_of(ref.uri), dest)
+        key = self.key_of(ref.uri)
+        path = self.get_file(key, dest)
         digest = sha256_file(path)
         if digest != ref.sha256:
+            size = path.stat().st_size
             path.unlink(missing_ok=True)
-            raise TransientError(f"{ref.uri} has sha256 {digest}, expected {ref.sha256}")
+            raise CorruptArtifact(ref.uri, key, ref.sha256, digest, size)
         return path
+
+    def verify(self, ref: ArtifactRef | dict) -> None:
+        """Raise CorruptArtifact unless the stored object hashes to ``ref.sha256`` (ArtifactMissing
+        if it is gone). Costs one streamed read of the object."""
+        if isinstance(ref, dict):
+            ref = ArtifactRef.from_dict(ref)
+        key = self.key_of(ref.uri)
+        digest, size = self.digest(key)
+        if digest != ref.sha256:
+            raise CorruptArtifact(ref.uri, key, ref.sha256, digest, size)
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
@@ -207,6 +230,12 @@ class FileStore(Store):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def digest(self, key: str) -> tuple[str, int]:
+        src = self._path(key)
+        if not src.is_file():
+            raise ArtifactMissing(f"no artifact at {self.url(key)}")
+        return sha256_file(src), src.stat().st_size
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
@@ -364,6 +393,23 @@ class S3Store(Store):
             return True
         except ArtifactMissing:
             return False
+
+    def digest(self, key: str) -> tuple[str, int]:
+        def stream() -> tuple[str, int]:
+            resp = self.client.get_object(self.bucket, self._obj(key))
+            try:
+                h, size = hashlib.sha256(), 0
+                for chunk in resp.stream(CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                return h.hexdigest(), size
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        digest, size = self._call(f"hash {key}", stream)
+        self._transferred("download", size)
+        return digest, size
 
     def list(self, prefix: str) -> list[str]:
         full = self._obj(prefix) + "/"

@@ -1,16 +1,29 @@
 """The one training loop and the one evaluation loop, shared by fp32 fine-tuning, QAT,
-calibration (evaluation without labels) and benchmarking."""
+calibration (evaluation without labels) and benchmarking.
+
+Training checkpoints every epoch to the stage's ``checkpoints/`` folder in the store:
+``epoch-NNNN.pt`` and then ``epoch-NNNN.pt.json``, the checkpoint's sha256 and size. A resume
+loads the newest checkpoint whose bytes match that record and that ``torch.load`` accepts, and
+falls back to the one before it otherwise (a truncated upload, bit rot, a crash between the two
+writes), so a damaged checkpoint costs one epoch, never the run."""
 
 from __future__ import annotations
 
+import logging
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import CorruptArtifact, OutOfMemory
+from pipeline.store import ArtifactMissing, ArtifactRef
+
+log = logging.getLogger(__name__)
 BatchHook = Callable[[int, int], None]  # (batches done, batches in the pass)
 
 
@@ -78,6 +91,60 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimize
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
 
 
+def save_checkpoint(ctx, epoch: int, state: dict[str, Any]) -> None:
+    """Upload ``state`` as epoch ``epoch``'s checkpoint, then its digest record: a checkpoint
+    without a record is never loaded, so a crash between the two writes only loses that epoch."""
+    local = ctx.workdir / "checkpoint.pt"
+    torch.save(state, local)
+    key = f"{ctx.prefix}/checkpoints/epoch-{epoch:04d}.pt"
+    ref = ctx.store.put_file(key, local)
+    local.unlink()
+    ctx.store.put_json(f"{key}.json", {"epoch": epoch, "sha256": ref.sha256, "size": ref.size})
+
+
+def load_checkpoint(ctx) -> dict[str, Any] | None:
+    """The newest checkpoint that matches its recorded sha256 and loads, on the CPU (the caller
+    moves it to the device: loading straight onto a GPU would put the saved RNG states there,
+    where ``set_state`` refuses them); None when there is none."""
+    keys = [k for k in ctx.store.list(f"{ctx.prefix}/checkpoints") if k.endswith(".pt")]
+    for key in reversed(keys):
+        local = ctx.workdir / "resume.pt"
+        try:
+            record = ctx.store.get_json(f"{key}.json")
+            path = ctx.store.fetch(ArtifactRef(ctx.store.url(key), record["sha256"], record["size"]), local)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except ArtifactMissing:
+            why = "no sha256 recorded for it (its upload did not finish)"
+        except CorruptArtifact as err:
+            why = str(err)
+        except (ValueError, KeyError, TypeError) as err:  # an unreadable digest record
+            why = f"its digest record is unreadable ({type(err).__name__}: {err})"
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # matched its digest, yet does not load
+            why = f"torch.load failed ({type(err).__name__}: {err})"
+        else:
+            log.info("%s: resuming from %s (epoch %s)", ctx.stage, ctx.store.url(key), state["epoch"])
+            return state
+        finally:
+            local.unlink(missing_ok=True)
+        log.warning("%s: checkpoint %s is unusable: %s; falling back to the one before it",
+                    ctx.stage, ctx.store.url(key), why)
+    return None
+
+
+def out_of_memory(ctx, err: BaseException, device: torch.device, batch_size: int) -> OutOfMemory:
+    """The stage error for an out-of-memory during training: what ran out, at which batch size,
+    and what to change."""
+    memory = f"{device.type} memory"
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        peak = torch.cuda.max_memory_allocated(device)
+        memory = f"{device} memory ({peak / 2**30:.2f} GiB allocated at peak of {total / 2**30:.2f} GiB)"
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OutOfMemory(f"{ctx.stage} ran out of {memory} at batch size {batch_size}: {cause}. Lower the batch "
+                       "size (finetune.batch_size, or the QAT variant's batch_size) or data.image_size and "
+                       "rerun; the checkpoints written so far are kept")
+
+
 def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, *,
                  epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
                  mean: Sequence[float], std: Sequence[float], device: torch.device, seed: int,
@@ -91,15 +158,15 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     history: list[dict] = []
     start = 0
-    ckpts = [k for k in ctx.store.list(f"{ctx.prefix}/checkpoints") if k.endswith(".pt")]
-    if ckpts:
-        local = ctx.store.get_file(ckpts[-1], ctx.workdir / "resume.pt")
-        state = torch.load(local, map_location=device, weights_only=True)
-        local.unlink()
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = load_checkpoint(ctx)
+    if state is not None:
+        model.load_state_dict(state["model"])  # copied into the parameters, on their device
+        optimizer.load_state_dict(state["optimizer"])  # moves its buffers to the parameters' device
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            for i, rng in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, i)
         history, start = list(state["history"]), int(state["epoch"])
         ctx.extra["resumed_from_epoch"] = start
     for epoch in range(start, epochs):
@@ -109,21 +176,23 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
             ctx.progress((epoch + done / total) / epochs, f"{label} {epoch + 1}/{epochs} batch {done}/{total}")
             ctx.check_cancelled()
 
-        tr = train_one_epoch(model, x, y, optimizer, batch_size=batch_size, mean=mean, std=std, device=device,
-                             generator=generator, on_batch=counting(ctx, "train", len(y), batch_size, on_batch),
-                             frozen_bn=frozen_bn)
-        seconds = time.perf_counter() - t0
-        ev = evaluate(model, xv, yv, batch_size=max(batch_size, 64), mean=mean, std=std, device=device,
-                      on_batch=counting(ctx, "eval", len(yv), max(batch_size, 64)))
+        try:
+            tr = train_one_epoch(model, x, y, optimizer, batch_size=batch_size, mean=mean, std=std, device=device,
+                                 generator=generator, on_batch=counting(ctx, "train", len(y), batch_size, on_batch),
+                                 frozen_bn=frozen_bn)
+            seconds = time.perf_counter() - t0
+            ev = evaluate(model, xv, yv, batch_size=max(batch_size, 64), mean=mean, std=std, device=device,
+                          on_batch=counting(ctx, "eval", len(yv), max(batch_size, 64)))
+        except torch.cuda.OutOfMemoryError as err:
+            raise out_of_memory(ctx, err, device, batch_size) from err
         history.append({"epoch": epoch + 1, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                         "val_loss": ev["loss"], "val_accuracy": ev["accuracy"], "seconds": round(seconds, 3),
                         "images_per_second": round(len(y) / seconds, 1), "device": device.type})
-        local = ctx.workdir / "checkpoint.pt"
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                    "history": history, "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state()}, local)
-        ctx.store.put_file(f"{ctx.prefix}/checkpoints/epoch-{epoch + 1:04d}.pt", local)
-        local.unlink()
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "history": history, "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+        if device.type == "cuda":  # only then: a CPU-only run must never initialise CUDA
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        save_checkpoint(ctx, epoch + 1, state)
     return history
 
 

@@ -5,6 +5,11 @@ version and the queue it belongs on. ``execute`` gives every stage the same trea
 the stored result when the stage's ``manifest.json`` already exists (content-addressed cache),
 otherwise read the input manifests, run the function in a scratch folder, and write the
 manifest last, so a manifest's presence means the whole output is there.
+
+A cached result is served only after every artifact its manifest references has been hashed
+again and found to match: an entry whose output rotted, was truncated or was tampered with is
+dropped (manifest and corrupt object deleted, with a warning naming it) and recomputed, instead
+of being handed to the next stage or retried as if the store were down.
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ import logging
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import Cancelled, StageError
+from pipeline.errors import Cancelled, CorruptArtifact, StageError
 from pipeline.store import ArtifactMissing, ArtifactRef, Store
 
 log = logging.getLogger(__name__)
@@ -126,6 +131,65 @@ class StageResult:
     manifest_uri: str
 
 
+# manifest fields copied from the plan node: what the stage read, not what it wrote (a finetune's
+# config holds the reference of its initial weights, which is not part of its output)
+NODE_FIELDS = frozenset({"config", "inputs", "input_digests"})
+
+
+def artifact_refs(obj: Any) -> Iterator[dict[str, Any]]:
+    """Every artifact reference (a dict with uri, sha256 and size) nested in ``obj``."""
+    if isinstance(obj, dict):
+        if {"uri", "sha256", "size"} <= obj.keys():
+            yield obj
+            return
+        for value in obj.values():
+            yield from artifact_refs(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from artifact_refs(value)
+
+
+def damaged_outputs(store: Store, manifest: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """The stored outputs of a cached stage that are missing or do not hash to their recorded
+    sha256, each with the reason. Every output is read once, as a stream."""
+    inside = store.uri.rstrip("/") + "/"
+    damaged = []
+    for ref in artifact_refs({k: v for k, v in manifest.items() if k not in NODE_FIELDS}):
+        if not str(ref["uri"]).startswith(inside):
+            continue
+        try:
+            store.verify(ref)
+        except (CorruptArtifact, ArtifactMissing) as err:
+            damaged.append((ref, str(err)))
+    return damaged
+
+
+def cached_result(store: Store, stage: str, prefix: str) -> StageResult | None:
+    """The stored result under ``prefix`` if it exists and is intact; a damaged one is dropped
+    (manifest first, then its corrupt objects) so that the caller recomputes it."""
+    mkey = f"{prefix}/manifest.json"
+    try:
+        manifest = store.get_json(mkey)
+    except ArtifactMissing:
+        return None
+    except ValueError as err:  # not JSON any more (UnicodeDecodeError is a ValueError too)
+        log.warning("%s: cached manifest %s is corrupt (%s); recomputing", stage, store.url(mkey), err)
+        store.delete(mkey)
+        return None
+    damaged = damaged_outputs(store, manifest)
+    if not damaged:
+        return StageResult(manifest, True, store.url(mkey))
+    for _, why in damaged:
+        log.warning("%s: cached output damaged: %s", stage, why)
+    log.warning("%s: dropping the cached result %s and recomputing it", stage, store.url(mkey))
+    store.delete(mkey)
+    own = f"{store.url(prefix)}/"
+    for ref, _ in damaged:
+        if ref["uri"].startswith(own):  # another stage's object is that stage's to recompute
+            store.delete(store.key_of(ref["uri"]))
+    return None
+
+
 def execute(node: dict[str, Any], store: Store, *, run_id: str | None = None,
             on_progress: Callable[[float, str], None] | None = None,
             is_cancelled: Callable[[], bool] | None = None,
@@ -137,10 +201,9 @@ def execute(node: dict[str, Any], store: Store, *, run_id: str | None = None,
     prefix = f"stages/{sdef.name}/{key}" if sdef.cached else f"runs/{run_id}"
     mkey = f"{prefix}/manifest.json"
     if sdef.cached:
-        try:
-            return StageResult(store.get_json(mkey), True, store.url(mkey))
-        except ArtifactMissing:
-            pass
+        cached = cached_result(store, sdef.name, prefix)
+        if cached is not None:
+            return cached
     inputs: dict[str, dict] = {}
     for name, dep in node["inputs"].items():
         try:
@@ -150,6 +213,13 @@ def execute(node: dict[str, Any], store: Store, *, run_id: str | None = None,
                 continue
             raise StageError(f"input {name!r} ({dep['stage']} {dep['key']}) is missing: "
                              "that stage did not finish") from None
+        except ValueError:
+            if sdef.partial_inputs:
+                log.warning("%s: input %s has a corrupt manifest; left out", sdef.name, name)
+                continue
+            raise StageError(f"input {name!r} ({dep['stage']} {dep['key']}) has a corrupt manifest "
+                             f"{store.url(manifest_key(dep['stage'], dep['key']))}: rerun, and that stage "
+                             "is recomputed") from None
     started = time.time()
     with tempfile.TemporaryDirectory(prefix=f"qpipe-{sdef.name}-") as tmp:
         ctx = StageContext(store, sdef.name, key, prefix, Path(tmp), run_id, on_progress, is_cancelled,
