@@ -32,8 +32,7 @@ from celery import Task
 from celery.exceptions import Retry
 
 from workers import metrics
-from workers.app import MAX_DELIVERIES, MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
-from workers.deliveries import Deliveries, explain
+from workers.app import MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
 from workers.state import FINAL_RUN_STATES, RunState, connect
 
 log = logging.getLogger(__name__)
@@ -81,11 +80,7 @@ def stage_lock(client: redis.Redis, key: str, owner: str, on_wait: Callable[[], 
     """Hold ``key`` while a stage computes, so a duplicate delivery of the same stage waits for
     the first one and then finds its result in the store instead of computing it again. The lock
     expires LOCK_TTL s after its holder dies; a thread renews it while the holder lives."""
-    waited = False
     while not patiently(lambda: client.set(key, owner, nx=True, ex=LOCK_TTL), "lock"):
-        if not waited:  # once per delivery: says which path a duplicate took
-            log.info("%s is held: the same stage is running elsewhere; waiting for it", key)
-            waited = True
         on_wait()
         time.sleep(1.0)
     stop = threading.Event()
@@ -107,30 +102,6 @@ def stage_lock(client: redis.Redis, key: str, owner: str, on_wait: Callable[[], 
                         "return 0", 1, key, owner)
 
 
-@contextlib.contextmanager
-def counted_delivery(client: redis.Redis, stage: str, key: str) -> Iterator[None]:
-    """Count this delivery of a stage until it ends under control (``workers/deliveries.py``);
-    after QPIPE_MAX_DELIVERIES deliveries in a row died, fail the stage instead of running it.
-    Entered once the stage lock is held. An Exception is a controlled end (the stage's outcome,
-    or a retry); SystemExit or a killed process is not, and leaves the count."""
-    from pipeline.errors import StageError
-
-    deliveries = Deliveries(client, stage, key)
-    died = patiently(deliveries.begin, "deliveries")
-    try:
-        if died >= MAX_DELIVERIES:
-            raise StageError(explain(died, patiently(deliveries.causes, "deliveries"), MAX_DELIVERIES))
-        if died:
-            log.warning("%s %s: delivery %d; %d before it died without finishing (limit %d)", stage, key, died + 1,
-                        died, MAX_DELIVERIES)
-        yield
-    except Exception:
-        with contextlib.suppress(*BROKER_ERRORS):  # the outcome matters more than the count
-            patiently(deliveries.end, "deliveries")
-        raise
-    patiently(deliveries.end, "deliveries")
-
-
 def remove_partial_outputs(store: Any, node: dict, keep_checkpoints: bool) -> None:
     """Delete what a stage wrote before failing, so the store holds no orphaned objects."""
     from pipeline.stages import stage_def
@@ -148,16 +119,6 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
     from pipeline.errors import Cancelled, ConfigError, StageError, TransientError
     from pipeline.stages import execute
     from pipeline.store import open_store
-
-    # a worker serves the store it was started with (`qpipe worker` puts the store's own spelling
-    # of its URI here): a message naming another one is refused before anything is read or written
-    own_store = os.environ.get("QPIPE_STORE_URI") or "no store"
-    if store_uri != own_store:
-        log.error("%s %s refused: it names the store %s, this worker serves %s", run_id, node.get("id"),
-                  store_uri, own_store)
-        return fail_stage(task, run_id, node, f"refused: the stage names the store {store_uri}, but its worker "
-                          f"serves {own_store}: submit to the store the workers were started with "
-                          "(QPIPE_STORE_URI), or start workers for that store")
 
     node_id, stage = node["id"], node["stage"]
     state = state_for(task, run_id)
@@ -216,10 +177,9 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
     try:
         store = open_store(store_uri)
         store.on_transfer = metrics.count_transfer
-        with stage_lock(state.r, lock, owner, waiting), counted_delivery(state.r, stage, node["key"]):
-            patiently(lambda: state.update_stage(node_id, state="running", worker=worker, pid=os.getpid(),
-                                                 started=time.time(), progress=0.0,
-                                                 attempt=task.request.retries + 1, error=None),
+        with stage_lock(state.r, lock, owner, waiting):
+            patiently(lambda: state.update_stage(node_id, state="running", worker=worker, started=time.time(),
+                                                 progress=0.0, attempt=task.request.retries + 1, error=None),
                       "status")
             result = execute(node, store, run_id=run_id, on_progress=on_progress, is_cancelled=is_cancelled,
                              extra=extra, on_images=metrics.images_hook(stage))
@@ -253,8 +213,6 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         # of a long stage: its checkpoints stay for the rerun
         _cleanup(store, node, keep_checkpoints=True)
     else:
-        if not result.cached:  # one line per computation, so executions per content key can be counted
-            log.info("%s %s: computed stage %s key %s", run_id, node_id, stage, node["key"])
         attempt.end("cached" if result.cached else "done")
         out = finish("cached" if result.cached else "done", progress=1.0, manifest=result.manifest_uri)
         if stage == "report":
@@ -309,8 +267,7 @@ def _make_task(stage: str, queue: str) -> Task:
     stage_task.__name__ = f"{stage}_task"
     stage_task.__doc__ = f"qpipe stage '{stage}' (queue {queue})."
     return app.task(name=f"qpipe.{stage}", bind=True, queue=queue, acks_late=True,
-                    reject_on_worker_lost=True, max_retries=MAX_RETRIES,
-                    Request="workers.deliveries:Request")(stage_task)
+                    reject_on_worker_lost=True, max_retries=MAX_RETRIES)(stage_task)
 
 
 TASKS = {stage: _make_task(stage, queue) for stage, queue in STAGE_QUEUES.items()}
