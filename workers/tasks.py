@@ -80,7 +80,11 @@ def stage_lock(client: redis.Redis, key: str, owner: str, on_wait: Callable[[], 
     """Hold ``key`` while a stage computes, so a duplicate delivery of the same stage waits for
     the first one and then finds its result in the store instead of computing it again. The lock
     expires LOCK_TTL s after its holder dies; a thread renews it while the holder lives."""
+    waited = False
     while not patiently(lambda: client.set(key, owner, nx=True, ex=LOCK_TTL), "lock"):
+        if not waited:  # once per delivery: says which path a duplicate took
+            log.info("%s is held: the same stage is running elsewhere; waiting for it", key)
+            waited = True
         on_wait()
         time.sleep(1.0)
     stop = threading.Event()
@@ -178,8 +182,9 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         store = open_store(store_uri)
         store.on_transfer = metrics.count_transfer
         with stage_lock(state.r, lock, owner, waiting):
-            patiently(lambda: state.update_stage(node_id, state="running", worker=worker, started=time.time(),
-                                                 progress=0.0, attempt=task.request.retries + 1, error=None),
+            patiently(lambda: state.update_stage(node_id, state="running", worker=worker, pid=os.getpid(),
+                                                 started=time.time(), progress=0.0,
+                                                 attempt=task.request.retries + 1, error=None),
                       "status")
             result = execute(node, store, run_id=run_id, on_progress=on_progress, is_cancelled=is_cancelled,
                              extra=extra, on_images=metrics.images_hook(stage))
@@ -213,6 +218,8 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         # of a long stage: its checkpoints stay for the rerun
         _cleanup(store, node, keep_checkpoints=True)
     else:
+        if not result.cached:  # one line per computation, so executions per content key can be counted
+            log.info("%s %s: computed stage %s key %s", run_id, node_id, stage, node["key"])
         attempt.end("cached" if result.cached else "done")
         out = finish("cached" if result.cached else "done", progress=1.0, manifest=result.manifest_uri)
         if stage == "report":
