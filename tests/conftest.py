@@ -126,3 +126,19 @@ def one_thread() -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
 
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need a usable CUDA device: without one they are skipped, with the reason
+    the probe gives. The probe runs in a child process, so this one never initialises CUDA."""
+    needs_gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not needs_gpu:
+        return
+    from workers.gpu import probe
+
+    found = probe()
+    if found.usable:
+        return
+    skip = pytest.mark.skip(reason=f"needs CUDA: no usable CUDA device: {found.why_none()}")
+    for item in needs_gpu:
+        item.add_marker(skip)
