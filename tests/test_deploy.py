@@ -277,10 +277,14 @@ def test_worker_and_flower_commands_are_valid_qpipe_commands():
     assert f":{FLOWER_PORT}/healthcheck" in " ".join(flower["healthcheck"]["test"])
 
 
-def test_gpu_worker_reserves_an_nvidia_gpu_and_uses_the_cuda_image():
+def test_gpu_worker_reserves_the_nvidia_gpus_and_uses_the_cuda_image():
     svcs = services()
     devices = svcs["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # every GPU to one worker, which gives each pool process its own (Docker would give each replica
+    # of a `count: 1` service the same GPU); a broken GPU stops it instead of training on the CPU
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    args = cli_parser().parse_args(svcs["worker-gpu"]["command"])
+    assert args.gpus is None and args.concurrency is None and args.require_cuda
     assert svcs["worker-gpu"]["image"] == "qpipe:cuda"
     assert svcs["worker-gpu"]["build"]["args"]["TORCH_INDEX"] != _dockerfile_arg_default("TORCH_INDEX")
     assert svcs["worker-cpu"]["image"] == "qpipe:cpu" and "deploy" not in svcs["worker-cpu"]
