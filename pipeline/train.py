@@ -113,8 +113,8 @@ def load_checkpoint(ctx) -> dict[str, Any] | None:
             record = ctx.store.get_json(f"{key}.json")
             path = ctx.store.fetch(ArtifactRef(ctx.store.url(key), record["sha256"], record["size"]), local)
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except ArtifactMissing:
-            why = "no sha256 recorded for it (its upload did not finish)"
+        except ArtifactMissing as err:  # most often: the stage died between the checkpoint and its record
+            why = f"it has no sha256 record to check it against ({err})"
         except CorruptArtifact as err:
             why = str(err)
         except (ValueError, KeyError, TypeError) as err:  # an unreadable digest record

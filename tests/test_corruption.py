@@ -82,8 +82,8 @@ TARGETS = {  # what is damaged: the node that wrote it, and where its reference 
 
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_corrupt_cached_output_is_recomputed(store: Store, target: str, caplog: pytest.LogCaptureFixture) -> None:
-    nodes = run_upstream(store)
     owner, ref_of = TARGETS[target]
+    nodes = run_upstream(store, UPSTREAM[:UPSTREAM.index(owner) + 1])
     before = manifest_of(store, nodes[owner])
     ref = ref_of(before)
     key = store.key_of(ref["uri"])
