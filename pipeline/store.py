@@ -126,12 +126,19 @@ class Store(ABC):
         """Raise ConfigError or TransientError if the store cannot be used as configured."""
 
     def put_by_digest(self, folder: str, path: str | Path, suffix: str = "") -> ArtifactRef:
-        """Upload ``path`` as ``{folder}/{sha256}{suffix}`` unless that object already exists."""
+        """Upload ``path`` as ``{folder}/{sha256}{suffix}`` unless that object already exists with
+        those bytes. An existing object that no longer hashes to its name (bit rot, a cut-off
+        upload) is replaced, so a corrupt upload of a source cannot fail every later run that
+        uses it; checking costs one streamed read of the stored object."""
         path = Path(path)
         digest = sha256_file(path)
         key = f"{folder}/{digest}{suffix}"
         if self.exists(key):
-            return ArtifactRef(self.url(key), digest, path.stat().st_size)
+            stored, _ = self.digest(key)
+            if stored == digest:
+                return ArtifactRef(self.url(key), digest, path.stat().st_size)
+            log.warning("%s has sha256 %s, expected %s from its name: uploading it again", self.url(key), stored,
+                        digest)
         return self.put_file(key, path)
 
     def put_json(self, key: str, obj: Any) -> ArtifactRef:

@@ -140,6 +140,21 @@ def test_fetch_verifies_the_digest(store: Store, tmp_path: Path) -> None:
     assert not (tmp_path / "tampered.bin").exists()
 
 
+def test_put_by_digest_replaces_a_corrupt_stored_copy(store: Store, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    src = tmp_path / "source.tgz"
+    src.write_bytes(b"an uploaded dataset")
+    ref = store.put_by_digest("sources", src, ".tgz")
+    key = store.key_of(ref.uri)
+    assert store.put_by_digest("sources", src, ".tgz") == ref  # present and intact: reused
+    assert "uploading it again" not in caplog.text
+    store.put_bytes(key, b"an uploaded datasex")  # bit rot under the same name and size
+    assert store.put_by_digest("sources", src, ".tgz") == ref
+    assert "uploading it again" in caplog.text  # the replace path ran
+    assert store.get_bytes(key) == b"an uploaded dataset"
+    store.fetch(ref, tmp_path / "again.tgz")  # verifies
+
+
 def test_fetch_refuses_uri_outside_the_store(store: Store, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not inside the store"):
         store.fetch(ArtifactRef("s3://elsewhere/x.bin", sha(b""), 0), tmp_path / "x")

@@ -65,7 +65,8 @@ PHASES = ("train", "calibrate", "eval")
 STAGES = ("ingest", "finetune", "calibrate", "quantize", "qat", "benchmark", "report")
 # exception class names kept as the error_type label; anything else is "other"
 ERROR_TYPES = frozenset({
-    "ConfigError", "SpecError", "StageError", "TransientError", "Cancelled", "ArtifactMissing",
+    "ConfigError", "SpecError", "StageError", "TransientError", "Cancelled", "ArtifactMissing", "CorruptArtifact",
+    "OutOfMemory",
     "SoftTimeLimitExceeded", "TimeLimitExceeded", "WorkerLostError", "OutOfMemoryError", "MemoryError",
     "RuntimeError", "ValueError", "TypeError", "KeyError", "IndexError", "AttributeError", "AssertionError",
     "NotImplementedError", "ZeroDivisionError", "OSError", "FileNotFoundError", "PermissionError",
