@@ -1,6 +1,9 @@
-"""Security properties on real servers: workers refuse pickled messages (and run nothing), the
-S3 secret key and the broker password appear in no log, output, object or Redis value, and
-object keys cannot leave the store's prefix."""
+"""Security properties on real servers: workers refuse pickled messages (and run nothing) and
+messages naming a store other than their own; the S3 keys and the broker password appear in no
+log, output, object, Redis value, worker /metrics, Flower page or command line (a password given
+with --broker is taken off it); the embedded default's broker wants a password of its own; the
+CLI refuses an unreachable store or wrong credentials in one line; object keys cannot leave the
+store's prefix."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import string
 import subprocess
 import sys
 import time
+import tomllib
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +33,14 @@ from pipeline.errors import ConfigError, SpecError
 from pipeline.plan import build_plan
 from pipeline.runner import prepare_sources
 from pipeline.spec import load_spec
-from pipeline.store import FileStore, S3Store, check_key
+from pipeline.store import FileStore, S3Store, check_key, open_store
+from tests.conftest import wait_for
+from tests.test_scale import FlowerProcess
 from workers.app import create_app
 from workers.client import Client, check_broker
-from workers.embedded import WorkerProcess
-from workers.servers import RedisServer
+from workers.embedded import EmbeddedCluster, WorkerProcess
+from workers.servers import RedisServer, free_port, free_ports
+from workers.state import RunState, connect
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,8 +178,9 @@ def test_worker_refuses_pickle_and_still_runs_json(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """An S3 server and a broker with recognizable secrets, a cpu and a gpu worker whose env
-    holds the S3 secret, one run through Client.submit and one through the CLI."""
+    """An S3 server and a broker with recognizable secrets, a cpu worker (serving /metrics) and
+    a gpu worker whose env holds the S3 secret, Flower, one run through Client.submit and one
+    through the CLI."""
     from tests.servers import SeaweedS3Server
 
     tmp = tmp_path_factory.mktemp("secure")
@@ -183,17 +192,25 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
            "QPIPE_S3_SECRET_KEY": s3_secret, "QPIPE_S3_SECURE": "false"}
     old = {k: os.environ.get(k) for k in env}
     workers: list[WorkerProcess] = []
+    flower = None
     store = f"s3://{BUCKET}/{PREFIX}"
+    metrics_port = free_ports(1)[0]
     try:
         s3.start()
         s3.make_bucket(BUCKET)
         broker.start()
         os.environ.update(env)
         logs = tmp / "worker-logs"
-        workers = [WorkerProcess("cpu", broker.url, store, logs, extra_args=("--loglevel", "DEBUG")),
+        workers = [WorkerProcess("cpu", broker.url, store, logs,
+                                 extra_args=("--loglevel", "DEBUG", "--metrics-port", str(metrics_port))),
                    WorkerProcess("gpu", broker.url, store, logs)]
         for w in workers:
             w.start()
+        # Flower (its env holds the S3 keys too) sees every task of both runs: it is up, and
+        # receiving the workers' events, before the first run
+        flower = FlowerProcess(broker.url, tmp / "flower").start()
+        wait_for(lambda: all(f'flower_worker_online{{worker="{w.node}"}} 1.0' in flower.text("/metrics")
+                             for w in workers), timeout=60, every=0.5)
         data = make_folder(tmp / "data")
         handle = Client(broker.url, store).submit(tiny_spec(str(data)))
         summary = handle.wait(timeout=TIMEOUT)
@@ -223,9 +240,12 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         time.sleep(1.0)  # let the workers flush their last log lines
         yield {"s3": s3, "broker": broker, "workers": workers, "secret": s3_secret, "password": password,
                "summary": summary, "cli_summary": cli_summary, "run_ids": [first_run, run_id],
-               "cli_output": "\n".join(p.stdout + "\n" + p.stderr for p in runs), "store": store, "env": env}
+               "cli_output": "\n".join(p.stdout + "\n" + p.stderr for p in runs), "store": store, "env": env,
+               "flower": flower, "metrics_port": metrics_port, "data": data}
     finally:
         gc.collect()  # AsyncResult.__del__ talks to the broker: let it run while the broker is up
+        if flower is not None:
+            flower.stop()
         for w in workers:
             w.stop()
         for k, v in old.items():
@@ -237,14 +257,46 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         s3.stop()
 
 
-def needles(secure: dict) -> dict[str, bytes]:
-    return {"S3 secret key": secure["secret"].encode(), "broker password": secure["password"].encode()}
+def needles(secure: dict, access_key: bool = False) -> dict[str, bytes]:
+    found = {"S3 secret key": secure["secret"].encode(), "broker password": secure["password"].encode()}
+    if access_key:
+        found["S3 access key"] = secure["s3"].access_key.encode()
+    return found
 
 
-def assert_clean(where: str, data: bytes | str, secure: dict) -> None:
+def assert_clean(where: str, data: bytes | str, secure: dict, access_key: bool = False) -> None:
     raw = data.encode(errors="surrogateescape") if isinstance(data, str) else data
-    for what, needle in needles(secure).items():
+    for what, needle in needles(secure, access_key).items():
         assert needle not in raw, f"the {what} appears in {where}"
+
+
+def group_cmdlines(pgid: int) -> dict[int, bytes]:
+    """The command line of every process in process group ``pgid``: a process started by
+    ServerProcess (a session of its own) and everything it started, such as a worker's pool
+    processes, which Celery forks."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:  # it exited meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # state, ppid, pgrp... after "(command name)"
+        if int(fields[2]) == pgid and cmdline:
+            found[int(proc.name)] = cmdline
+    return found
+
+
+def worker_groups(workers: list[WorkerProcess]) -> dict[str, dict[int, bytes]]:
+    """Each worker's command lines, once its pool process is there (a gpu worker replaces its
+    pool process after each stage)."""
+    def with_pool(w: WorkerProcess) -> dict[int, bytes] | None:
+        found = group_cmdlines(w.pid)
+        return found if len(found) >= 2 else None
+
+    return {w.node: wait_for(lambda w=w: with_pool(w), timeout=30) for w in workers}
 
 
 def test_secrets_are_not_in_worker_logs(secure: dict) -> None:
@@ -328,6 +380,223 @@ def test_worker_command_line_holds_no_broker_password(secure: dict) -> None:
     assert_clean("a worker's command line", b"".join(cmdlines), secure)
 
 
+def test_secrets_are_not_in_worker_metrics(secure: dict) -> None:
+    url = f"http://127.0.0.1:{secure['metrics_port']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    # what was searched: the cpu worker's metrics, with the stages of both runs in them
+    cpu = secure["workers"][0]
+    assert f'node="{cpu.node}"' in text and "qpipe_stage_duration_seconds_count" in text
+    assert 'stage="benchmark"' in text and "qpipe_artifact_downloaded_bytes_total" in text
+    assert_clean("the worker's /metrics", text, secure, access_key=True)
+
+
+def test_secrets_are_not_in_flower(secure: dict) -> None:
+    flower = secure["flower"]
+
+    def reports() -> list[dict]:  # Flower has the events of both runs' last stage
+        tasks = flower.get("/api/tasks?limit=1000")
+        done = [t for t in tasks.values() if t["name"] == "qpipe.report" and t.get("state") == "SUCCESS"]
+        return done if all(any(r in str(t.get("args")) for t in done) for r in secure["run_ids"]) else []
+
+    reports = wait_for(reports, timeout=60, every=1.0)
+    workers = flower.get("/api/workers?refresh=true")
+    nodes = [w.node for w in secure["workers"]]
+    assert set(nodes) <= set(workers), sorted(workers)
+    for node in nodes:  # Flower shows each worker's Celery settings and broker: masked
+        conf, broker = workers[node]["conf"], workers[node]["stats"]["broker"]
+        assert conf["broker_url"].startswith("redis://:**") and broker["port"] == secure["broker"].port
+    pages = ["/api/tasks?limit=1000", "/api/workers?refresh=true", "/broker", "/workers", "/tasks", "/metrics",
+             *(f"/worker/{n}" for n in nodes), *(f"/task/{t['uuid']}" for t in reports),
+             *(f"/api/task/info/{t['uuid']}" for t in reports)]
+    for page in pages:
+        assert_clean(f"Flower's {page}", flower.text(page), secure, access_key=True)
+    assert secure["run_ids"][0] in flower.text("/api/tasks?limit=1000")
+    assert_clean("Flower's log", flower.log_path.read_bytes(), secure, access_key=True)
+
+
+def test_secrets_are_on_no_command_line(secure: dict) -> None:
+    """Every process started: each worker with its pool processes, and Flower; and all of ps."""
+    groups = worker_groups(secure["workers"]) | {"flower": group_cmdlines(secure["flower"].pid)}
+    assert groups["flower"] and all(b"workers.cli" in next(iter(g.values())) for g in groups.values())
+    for name, cmdlines in groups.items():
+        for pid, cmdline in cmdlines.items():
+            assert_clean(f"the command line of {name} (pid {pid})", cmdline, secure, access_key=True)
+    ps = subprocess.run(["ps", "-e", "-ww", "-o", "pid=,args="], capture_output=True, check=True).stdout
+    assert str(secure["workers"][0].pid).encode() in ps
+    assert_clean("ps", ps, secure, access_key=True)
+
+
+class ArgvWorker(WorkerProcess):
+    """A worker told the broker URL, password included, with --broker on its command line."""
+
+    def _command(self) -> list[str]:
+        return [*super()._command(), "--broker", self.broker]
+
+    def _child_env(self) -> dict[str, str]:
+        env = super()._child_env()
+        del env["QPIPE_BROKER_URL"]
+        return env
+
+
+class ArgvFlower(FlowerProcess):
+    """Flower told the broker URL with --broker on its command line."""
+
+    def _command(self) -> list[str]:
+        cmd = super()._command()
+        at = cmd.index("--port")
+        return [*cmd[:at], "--broker", self.broker, *cmd[at:]]
+
+    def _child_env(self) -> dict[str, str]:
+        env = super()._child_env()
+        del env["QPIPE_BROKER_URL"]
+        return env
+
+
+ARGV_WARNING = "qpipe: warning: the --broker URL holds a password"
+
+
+def test_a_broker_password_given_with_broker_is_taken_off_every_command_line(secure: dict, tmp_path: Path) -> None:
+    url = secure["broker"].url
+    worker = ArgvWorker("cpu", url, secure["store"], tmp_path / "logs")
+    flower = ArgvFlower(url, tmp_path / "flower")
+    assert url in worker._command() and "QPIPE_BROKER_URL" not in worker._child_env()
+    try:
+        worker.start()
+        flower.start()
+        # both reached the broker with the password: the worker answers a ping, Flower lists it
+        app = create_app(url)
+        assert app.control.ping(destination=[worker.node], timeout=10) == [{worker.node: {"ok": "pong"}}]
+        wait_for(lambda: worker.node in flower.get("/api/workers?refresh=true"), timeout=60, every=1.0)
+        groups = worker_groups([worker]) | {"flower": group_cmdlines(flower.pid)}
+        for name, cmdlines in groups.items():
+            for pid, cmdline in cmdlines.items():
+                assert b"workers.cli" in cmdline and b"--broker" not in cmdline, cmdline
+                assert_clean(f"the command line of {name} (pid {pid})", cmdline, secure)
+        for log in (worker.log_path, flower.log_path):  # warned once, and logged no password
+            text = log.read_text(errors="replace")
+            assert text.count(ARGV_WARNING) == 1 and "set QPIPE_BROKER_URL instead" in text, text[-3000:]
+            assert_clean(log.name, text, secure)
+    finally:
+        gc.collect()
+        flower.stop()
+        worker.stop()
+    # a short command: the same warning, on stderr, and it works
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPIPE_")} | secure["env"] | {
+        "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "workers.cli", "status", secure["run_ids"][1], "--broker", url,
+                           "--store", secure["store"], "--json"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "SUCCESS"
+    assert proc.stderr.count(ARGV_WARNING) == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert_clean("the warned command's output", proc.stdout + proc.stderr, secure)
+
+
+def test_a_worker_refuses_a_message_naming_another_store(secure: dict, tmp_path: Path) -> None:
+    other = tmp_path / "other-store"
+    other.mkdir()
+    # a built-in dataset reads nothing from a store: a worker that served the message would
+    # write its ingest outputs into the other store (a seed of its own: a stage no run computed)
+    spec = load_spec({**tiny_spec("builtin:digits"), "seed": 7})
+    [node] = [n for n in build_plan(spec, prepare_sources(spec, open_store(secure["store"])))
+              if n["stage"] == "ingest"]
+    assert not open_store(secure["store"]).exists(f"stages/ingest/{node['key']}/manifest.json")
+    app = create_app(secure["broker"].url)
+    run_id = f"other-store-{uuid.uuid4().hex[:8]}"
+    refused = app.send_task("qpipe.ingest", args=[run_id, node, other.as_uri()], queue="cpu")
+    served = None
+    try:
+        assert refused.get(timeout=120) == {"node": "ingest", "state": "failed"}
+        stage = RunState(connect(secure["broker"].url), run_id).stage("ingest")
+        assert stage["state"] == "failed", stage
+        assert f"names the store {other.as_uri()}, but its worker serves {secure['store']}" in stage["error"]
+        log = secure["workers"][0].log_path.read_text(errors="replace")
+        assert f"{run_id} ingest refused: it names the store {other.as_uri()}" in log
+        assert list(other.rglob("*")) == [], "the worker wrote into a store that is not its own"
+        # the same stage naming the worker's own store is served
+        served = app.send_task("qpipe.ingest", args=[run_id + "-own", node, secure["store"]], queue="cpu")
+        assert served.get(timeout=120) == {"node": "ingest", "state": "done"}
+        assert open_store(secure["store"]).exists(f"stages/ingest/{node['key']}/manifest.json")
+        assert list(other.rglob("*")) == []
+    finally:
+        del refused, served, app
+        gc.collect()  # AsyncResult.__del__ talks to the broker: let it run while the broker is up
+
+
+def test_a_worker_without_a_store_refuses_to_start(secure: dict, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPIPE_")} | {
+        "QPIPE_BROKER_URL": secure["broker"].url, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "workers.cli", "worker", "--queues", "cpu"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "a worker needs its artifact store: pass --store URI or set QPIPE_STORE_URI" in proc.stderr
+
+
+def test_submit_with_the_store_unreachable_exits_2_in_one_line(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec("builtin:digits")))
+    endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPIPE_")} | {
+        "QPIPE_S3_ENDPOINT": endpoint, "QPIPE_S3_ACCESS_KEY": "QPACCESS", "QPIPE_S3_SECURE": "false",
+        "QPIPE_S3_SECRET_KEY": "S3SECRET" + letters(32), "QPIPE_STORE_ATTEMPTS": "2", "PYTHONPATH": str(ROOT),
+        "QPIPE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+
+    def submit(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "workers.cli", *flags, "submit", str(spec), "--store",
+                               "s3://qpipe/runs"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+    quiet = submit()
+    assert quiet.returncode == 2 and quiet.stdout == "", quiet.stderr
+    [line] = quiet.stderr.splitlines()
+    assert line.startswith(f"qpipe: object store {endpoint} unreachable") and "QPIPE_S3_ENDPOINT" in line, line
+    # the store was tried again before the CLI gave up: -v shows the retry, then the same line
+    verbose = submit("-v")
+    assert verbose.returncode == 2 and "Traceback" not in verbose.stderr, verbose.stderr
+    assert f"bucket check on {endpoint} failed" in verbose.stderr and "retry 1/1" in verbose.stderr
+    assert verbose.stderr.splitlines()[-1] == line
+
+
+def test_torch_has_the_weights_only_fix() -> None:
+    """Before torch 2.6, torch.load(weights_only=True) could still be made to run code
+    (CVE-2025-32434); qpipe loads every stored checkpoint that way."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    [torch] = [d for d in deps if d.name == "torch"]
+    assert not torch.specifier.contains("2.5.1") and torch.specifier.contains("2.6.0"), torch
+    assert Version(version("torch")) >= Version("2.6")
+
+
+def test_embedded_broker_refuses_clients_without_its_password(tmp_path: Path, caplog) -> None:
+    caplog.set_level("INFO", logger="workers.embedded")
+    data = make_folder(tmp_path / "data")
+    with EmbeddedCluster(home=tmp_path / "home") as cluster:
+        server = cluster.redis
+        password = server.password
+        assert password and len(password) >= 40 and f":{password}@" in cluster.broker
+        # another local user reaches the port, but can neither read nor enqueue
+        for intruder in (redis.Redis(host=server.host, port=server.port),
+                         redis.Redis(host=server.host, port=server.port, password="guess-" + letters(20))):
+            with pytest.raises(redis.AuthenticationError):
+                intruder.ping()
+            with pytest.raises(redis.AuthenticationError):
+                intruder.lpush("cpu", b"{}")
+        handle = Client(cluster.broker, cluster.store).submit(tiny_spec(str(data), name="embedded"))
+        summary = handle.wait(timeout=TIMEOUT)
+        assert summary["status"] == "SUCCESS", (summary, cluster.logs())
+        assert {s["worker"] for s in summary["stages"]} == {w.node for w in cluster.workers}
+        # the workers were given the password through their environment, not their command line
+        for node, cmdlines in worker_groups(cluster.workers).items():
+            assert all(password.encode() not in c for c in cmdlines.values()), node
+        del handle
+        gc.collect()  # AsyncResult.__del__ talks to the broker: let it run while the broker is up
+    assert "embedded cluster up" in caplog.text and password not in caplog.text
+
+
 def test_wrong_credentials_are_refused_without_the_secret(secure: dict, tmp_path: Path) -> None:
     wrong = "WRONGSECRET" + letters(29)
     with pytest.raises(ConfigError) as info:
@@ -347,6 +616,8 @@ def test_wrong_credentials_are_refused_without_the_secret(secure: dict, tmp_path
     proc = subprocess.run([sys.executable, "-m", "workers.cli", "-v", "submit", str(spec), "--store",
                            secure["store"]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "refused the credentials" in proc.stderr, proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if " INFO " not in ln]  # -v adds INFO lines
+    assert line.startswith("qpipe: refused: the S3 server") and "QPIPE_S3_SECRET_KEY" in line, proc.stderr
     assert wrong not in proc.stdout + proc.stderr
     assert_clean("the refused CLI's output", proc.stdout + proc.stderr, secure)
 

@@ -9,7 +9,15 @@
     qpipe flower [--broker URL] [--port 5555] [--address 127.0.0.1] [-- FLOWER ARGS]
 
 Exit status: 0 when the run succeeded, 1 when it failed or was cancelled, 2 when the spec or
-the configuration was refused (nothing was enqueued), 130 on Ctrl-C.
+the configuration was refused or the object store could not be reached (nothing was enqueued),
+130 on Ctrl-C.
+
+Credentials come from the environment: ``QPIPE_BROKER_URL`` (with the broker password) and
+``QPIPE_S3_*``. A ``--broker`` URL that holds a password is accepted with a warning, since any
+local user can read a command line (``ps``) and the shell keeps it in its history: the process
+then starts itself again with the URL in ``QPIPE_BROKER_URL`` and without ``--broker``, so the
+password stays on no command line of it or of anything it starts (Celery's pool processes,
+Flower).
 """
 
 from __future__ import annotations
@@ -238,12 +246,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     bad = [q for q in queues if q not in ("cpu", "gpu")]
     if bad or not queues:
         raise SystemExit(f"qpipe worker: unknown queue(s) {bad}: use cpu, gpu or cpu,gpu")
-    app, url = _broker_app("worker", args.broker)
-    if args.store:
-        os.environ["QPIPE_STORE_URI"] = args.store
-        from pipeline.store import open_store
+    from pipeline.errors import ConfigError
+    from pipeline.store import open_store
 
-        open_store(args.store).check()
+    uri = args.store or os.environ.get("QPIPE_STORE_URI")
+    if not uri:
+        raise ConfigError("a worker needs its artifact store: pass --store URI or set QPIPE_STORE_URI (a worker "
+                          "serves one store and refuses stages that name another)")
+    app, url = _broker_app("worker", args.broker)
+    store = open_store(uri)
+    if args.store:
+        store.check()
+    # the store's own spelling of its URI, as clients put it in messages: the tasks (in the pool
+    # processes, which inherit it) refuse a message naming any other store
+    os.environ["QPIPE_STORE_URI"] = store.uri
     from workers.app import LEASE_INTERVAL
     from workers.leases import install
 
@@ -301,11 +317,55 @@ COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "watch":
             "cancel": cmd_cancel, "worker": cmd_worker, "flower": cmd_flower}
 
 
+def _without_url(argv: list[str], url: str) -> list[str]:
+    """``argv`` without ``--broker URL`` / ``--broker=URL`` (or an abbreviation of --broker)."""
+    out: list[str] = []
+    for token in argv:
+        if token == url and out and out[-1].startswith("--"):
+            out.pop()
+        elif not (token.startswith("--") and token.endswith("=" + url)):
+            out.append(token)
+    return out
+
+
+def _broker_password_off_the_command_line(args: argparse.Namespace) -> None:
+    """Warn about a password in ``--broker``, and take it off this process's command line.
+
+    Python cannot rewrite its own argv (the setproctitle package could, as a new dependency,
+    and only after the password had been visible), so the process executes itself again with
+    the same arguments less ``--broker``, and the URL in ``QPIPE_BROKER_URL``; the environment
+    of a process is readable by its user only. Celery's pool processes and Flower run inside
+    the re-executed process, so they carry the clean command line too."""
+    from urllib.parse import urlsplit
+
+    url = getattr(args, "broker", None)
+    try:
+        has_password = bool(url) and urlsplit(url).password is not None
+    except ValueError:  # not a URL: refused later with its own message
+        has_password = False
+    if not has_password:
+        return
+    print("qpipe: warning: the --broker URL holds a password, which other local users can read in `ps` and "
+          "your shell keeps in its history: set QPIPE_BROKER_URL instead (e.g. from a file only you can read)",
+          file=sys.stderr, flush=True)
+    argv = list(sys.orig_argv)
+    clean = _without_url(argv, url)
+    if clean != argv:  # main() was not called with a list of its own: the URL is in this process's argv
+        sys.stdout.flush()
+        os.execve(sys.executable, clean, {**os.environ, "QPIPE_BROKER_URL": url})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _broker_password_off_the_command_line(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.errors import ConfigError, SpecError
+    if not args.verbose and args.command not in ("worker", "flower"):
+        # each retry of the object store is logged by the store and by urllib3; a client command
+        # without -v shows the outcome only: one line below (or success). A worker logs them all.
+        for name in ("urllib3", "pipeline.store"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    from pipeline.errors import ConfigError, SpecError, TransientError
 
     try:
         return COMMANDS[args.command](args)
@@ -314,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     except ConfigError as err:
         print(f"qpipe: refused: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    except TransientError as err:  # raised once the store's retries are spent
+        print(f"qpipe: {err}, after retrying: check that the S3 server runs there and that QPIPE_S3_ENDPOINT "
+              "and QPIPE_S3_SECURE point at it", file=sys.stderr)
         return EXIT_REFUSED
     except KeyError as err:
         print(f"qpipe: {err.args[0] if err.args else err}", file=sys.stderr)

@@ -1,7 +1,12 @@
 """The embedded default: a private Valkey server on a free loopback port, one cpu-queue and
 one gpu-queue worker process, and a ``file://`` store under ``QPIPE_HOME`` (default:
 ``./.qpipe``). ``qpipe run`` without a broker uses it; everything it starts is stopped when the
-run ends, on errors and on Ctrl-C."""
+run ends, on errors and on Ctrl-C.
+
+The Valkey server takes a new random password on each start: a loopback port is open to every
+local user, and whoever can reach the broker can read runs and enqueue stages that run as you.
+The URL with the password reaches the worker processes through their environment (readable by
+you only), never their command line."""
 
 from __future__ import annotations
 
@@ -84,11 +89,15 @@ class EmbeddedCluster:
         return self.redis.url
 
     def start(self) -> EmbeddedCluster:
+        from pipeline.store import open_store
+
         self.home.mkdir(parents=True, exist_ok=True)
+        # the workers run in a folder of their own: give them the store as an absolute URI
+        self.store = open_store(self.store).uri
         self._tmp = tempfile.TemporaryDirectory(prefix="qpipe-embedded-")
         base = Path(self._tmp.name)
         try:
-            self.redis = RedisServer(data_dir=base / "broker").start()
+            self.redis = RedisServer(data_dir=base / "broker", password=secrets.token_urlsafe(32)).start()
             self.workers = [WorkerProcess("cpu", self.redis.url, self.store, base / "logs",
                                           concurrency=self.cpu_concurrency) for _ in range(self.cpu_workers)]
             self.workers.append(WorkerProcess("gpu", self.redis.url, self.store, base / "logs"))
@@ -97,7 +106,9 @@ class EmbeddedCluster:
         except BaseException:
             self.stop()
             raise
-        log.info("embedded cluster up: broker %s, store %s", self.redis.url, self.store)
+        from kombu.utils.url import maybe_sanitize_url
+
+        log.info("embedded cluster up: broker %s, store %s", maybe_sanitize_url(self.redis.url), self.store)
         return self
 
     def logs(self) -> str:

@@ -124,6 +124,16 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
     from pipeline.stages import execute
     from pipeline.store import open_store
 
+    # a worker serves the store it was started with (`qpipe worker` puts the store's own spelling
+    # of its URI here): a message naming another one is refused before anything is read or written
+    own_store = os.environ.get("QPIPE_STORE_URI") or "no store"
+    if store_uri != own_store:
+        log.error("%s %s refused: it names the store %s, this worker serves %s", run_id, node.get("id"),
+                  store_uri, own_store)
+        return fail_stage(task, run_id, node, f"refused: the stage names the store {store_uri}, but its worker "
+                          f"serves {own_store}: submit to the store the workers were started with "
+                          "(QPIPE_STORE_URI), or start workers for that store")
+
     node_id, stage = node["id"], node["stage"]
     state = state_for(task, run_id)
     worker = task.request.hostname
