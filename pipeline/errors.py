@@ -11,6 +11,9 @@ QpipeError
  │    └── OutOfMemory      the stage ran out of accelerator memory: never retried (the same batch
  │                         would not fit); its checkpoints are kept for a rerun to resume from
  ├── TransientError   the store or broker is unreachable right now: retried with backoff
+ │    └── DeviceUnavailable  the stage needs CUDA and this worker has none: retried the same way,
+ │                           so another worker (one with a GPU) may take it; failed with the reason
+ │                           once the retries are spent
  └── Cancelled        the run was cancelled; the stage stopped cooperatively
 """
 
@@ -53,6 +56,13 @@ class OutOfMemory(StageError):
 
 class TransientError(QpipeError):
     """A dependency (object store, broker) is unreachable; the operation may succeed later."""
+
+
+class DeviceUnavailable(TransientError):
+    """The stage needs a device this worker lacks (finetune.device: cuda without CUDA). A retry
+    is a new message on the same queue, which any worker may take: the requeue is bounded by the
+    retry count that travels in the message, and the backoff keeps a lone CPU-only worker from
+    spinning on it (reject(requeue=True) would put it back at once, and count nothing)."""
 
 
 class Cancelled(QpipeError):

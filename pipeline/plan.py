@@ -113,6 +113,9 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
         "arch": arch, "weights": weights, "epochs": f.epochs, "batch_size": f.batch_size, "lr": f.lr,
         "momentum": f.momentum, "weight_decay": f.weight_decay, "freeze_backbone": f.freeze_backbone,
         "seed": spec.seed, "device": f.device,
+        # mixed precision changes the weights, so it is keyed; fp32 stays out, so keys made before
+        # the option existed still match
+        **({"precision": f.precision} if f.precision != "fp32" else {}),
     }, {"data": ingest}, digests={"weights": weights["sha256"]} if weights else None)
     nodes = [finetune]
     bench_cfg = {"batch_sizes": b.batch_sizes, "threads": b.threads, "warmup": b.warmup,

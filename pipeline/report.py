@@ -192,6 +192,22 @@ def _caption(kind: str, summary: dict[str, Any]) -> str:
 SENSITIVITY_ROWS = 10  # layers listed per variant in the report's sensitivity table
 
 
+def trained_on(summary: dict[str, Any]) -> str:
+    """Where each trained model (fp32, QAT variants) trained, from its epochs' history: the
+    device's name (a GPU's, or cpu), its type and the precision; empty when nothing trained."""
+    parts = []
+    for name, epochs in (summary.get("history") or {}).items():
+        seen: list[str] = []
+        for h in epochs:
+            kind = ", ".join(str(v) for v in (h.get("device"), h.get("precision")) if v)
+            where = f"{h.get('device_name') or h.get('device') or 'unknown'}" + (f" ({kind})" if kind else "")
+            if where not in seen:
+                seen.append(where)
+        if seen:
+            parts.append(f"{name}: {' then '.join(seen)}")
+    return "; ".join(parts)
+
+
 def _ms(value: float) -> str:
     return f"{value:+.2f} ms"
 
@@ -273,6 +289,8 @@ def markdown(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
     data = summary.get("data") or {}
     out += [f"Data: {data.get('classes')} classes, {data.get('train')} training and {data.get('val')} "
             f"validation images, {len(data.get('skipped') or [])} file(s) skipped.", ""]
+    if trained_on(summary):
+        out += [f"Trained on: {_cell(trained_on(summary))}.", ""]
     out += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows[1:]]
     out += ["", f"Selected: **{_cell(summary.get('selected') or 'none')}**: {summary.get('selection_reason', '')}", ""]
@@ -355,6 +373,8 @@ def html_page(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
     data = summary.get("data") or {}
     out.append(f"<p>Data: {_e(data.get('classes'))} classes, {_e(data.get('train'))} training and "
                f"{_e(data.get('val'))} validation images, {len(data.get('skipped') or [])} file(s) skipped.</p>")
+    if trained_on(summary):
+        out.append(f"<p>Trained on: {_e(trained_on(summary))}.</p>")
     if data.get("class_names"):
         out.append(f"<details><summary>Classes ({len(data['class_names'])})</summary><p>" +
                    ", ".join(f"<code>{_e(c)}</code>" for c in data["class_names"]) + "</p></details>")

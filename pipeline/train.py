@@ -5,11 +5,21 @@ Training checkpoints every epoch to the stage's ``checkpoints/`` folder in the s
 ``epoch-NNNN.pt`` and then ``epoch-NNNN.pt.json``, the checkpoint's sha256 and size. A resume
 loads the newest checkpoint whose bytes match that record and that ``torch.load`` accepts, and
 falls back to the one before it otherwise (a truncated upload, bit rot, a crash between the two
-writes), so a damaged checkpoint costs one epoch, never the run."""
+writes), so a damaged checkpoint costs one epoch, never the run.
+
+On CUDA the loops keep the GPU fed: batches are gathered into pinned host memory as uint8 and
+normalised on the device, the loss and the correct count are summed on the device and read once
+per pass, and ``precision`` bf16/fp16 trains under autocast (fp16 with a gradient scaler, whose
+state is checkpointed). On the CPU the arithmetic is the one it always was, op for op: the sums are
+float64 and int64 tensors, which round exactly as the Python floats and ints they replace, so a
+seed gives the same numbers as before. Determinism holds on the CPU; on CUDA ``deterministic_cuda``
+sets what cuDNN and cuBLAS allow, which narrows but does not close the gap between two runs."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import pickle
 import random
 import time
@@ -20,11 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import CorruptArtifact, OutOfMemory
+from pipeline.errors import CorruptArtifact, DeviceUnavailable, OutOfMemory
 from pipeline.store import ArtifactMissing, ArtifactRef
 
 log = logging.getLogger(__name__)
 BatchHook = Callable[[int, int], None]  # (batches done, batches in the pass)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -34,11 +45,55 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 NCHW -> float NCHW, as ToTensor then Normalize(mean, std)."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+def normalize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float NCHW, as ToTensor then Normalize(mean, std), on ``x``'s device.
+    ``mean`` and ``std`` may already be float32 tensors there (made once per pass, not per batch)."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return (x.float().div_(255.0) - m) / s
+
+
+def to_device(t: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t[idx]`` on ``device``. For CUDA the rows are gathered straight into pinned host memory
+    and copied without waiting, so the copy overlaps the GPU's work (torch's pinned allocator
+    keeps the block until the copy is done); elsewhere this is exactly ``t[idx]``."""
+    if device.type != "cuda":
+        return t[idx]
+    pinned = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+    return torch.index_select(t, 0, idx, out=pinned).to(device, non_blocking=True)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``precision`` bf16/fp16; nothing at all for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+@contextlib.contextmanager
+def deterministic_cuda(device: torch.device) -> Iterator[None]:
+    """While training on CUDA: the deterministic cuDNN kernels, no autotuning (which picks
+    kernels by timing), and torch's deterministic algorithms where they exist (a warning, not an
+    error, for an op that has none). cuBLAS needs CUBLAS_WORKSPACE_CONFIG before it starts, which
+    in a stage's fresh pool process is later than this. The flags are global to the process, so
+    they are restored on the way out. Same seed, same GPU, same software: usually the same
+    numbers, but atomics in some backward kernels still vary; the CPU is where runs repeat
+    exactly. Nothing changes on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.deterministic, cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
@@ -62,33 +117,51 @@ def counting(ctx, phase: str, images: int, batch_size: int, hook: BatchHook | No
     return on_batch
 
 
+def _sums(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pass's running loss (float64: rounds as the Python float it replaced) and correct count,
+    kept on ``device`` so that no batch waits for the GPU to report them."""
+    return (torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device))
+
+
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                     batch_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
                     generator: torch.Generator, on_batch: BatchHook | None = None,
-                    frozen_bn: bool = False) -> dict[str, float]:
-    """One pass over (x, y). ``frozen_bn`` keeps batch-norm statistics fixed (a frozen backbone)."""
+                    frozen_bn: bool = False, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
+                    channels_last: bool = False) -> dict[str, float]:
+    """One pass over (x, y), uint8 images normalised on ``device``. ``frozen_bn`` keeps batch-norm
+    statistics fixed (a frozen backbone); ``precision`` bf16/fp16 runs the forward pass under
+    autocast, and fp16 needs ``scaler``. The loss and accuracy are read once, at the end."""
     model.train()
     if frozen_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     loss_fn = nn.CrossEntropyLoss()
-    total_loss, correct, seen = 0.0, 0, 0
+    mean_t, std_t = (torch.as_tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+    (total_loss, correct), seen = _sums(device), 0
     n_batches = (len(y) + batch_size - 1) // batch_size
     for i, idx in enumerate(batches(len(y), batch_size, generator)):
-        xb = normalize(x[idx], mean, std).to(device, non_blocking=True)
-        yb = y[idx].to(device, non_blocking=True)
+        xb = normalize(to_device(x, idx, device), mean_t, std_t)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yb = to_device(y, idx, device)
         optimizer.zero_grad(set_to_none=True)
-        out = model(xb)
-        loss = loss_fn(out, yb)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(idx)
-        correct += (out.argmax(1) == yb).sum().item()
+        with autocast(device, precision):
+            out = model(xb)
+            loss = loss_fn(out, yb)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total_loss += loss.detach().double() * len(idx)
+        correct += (out.argmax(1) == yb).sum()
         seen += len(idx)
         if on_batch:
             on_batch(i + 1, n_batches)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+    return {"loss": total_loss.item() / max(seen, 1), "accuracy": correct.item() / max(seen, 1)}
 
 
 def save_checkpoint(ctx, epoch: int, state: dict[str, Any]) -> None:
@@ -148,14 +221,32 @@ def out_of_memory(ctx, err: BaseException, device: torch.device, batch_size: int
 def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, *,
                  epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
                  mean: Sequence[float], std: Sequence[float], device: torch.device, seed: int,
-                 frozen_bn: bool = False, label: str = "epoch") -> list[dict]:
+                 frozen_bn: bool = False, label: str = "epoch", precision: str = "fp32",
+                 channels_last: bool = False) -> list[dict]:
     """Train with SGD for ``epochs``, checkpointing each epoch to the store and resuming from the
     newest checkpoint there (a redelivered task continues where the killed one stopped).
-    ``ctx`` is the StageContext; returns the per-epoch history."""
+    ``ctx`` is the StageContext; returns the per-epoch history. ``precision`` (see
+    ``training_precision``) and ``channels_last`` apply on CUDA; a stage asks for them."""
+    with deterministic_cuda(device):
+        return _train_epochs(model, ctx, x, y, xv, yv, epochs=epochs, batch_size=batch_size, lr=lr,
+                             momentum=momentum, weight_decay=weight_decay, mean=mean, std=std, device=device,
+                             seed=seed, frozen_bn=frozen_bn, label=label, precision=precision,
+                             channels_last=channels_last and device.type == "cuda")
+
+
+def _train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, *,
+                  epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
+                  mean: Sequence[float], std: Sequence[float], device: torch.device, seed: int, frozen_bn: bool,
+                  label: str, precision: str, channels_last: bool) -> list[dict]:
     generator = seed_everything(seed)
     model.to(device)
+    if channels_last:  # NHWC: what the tensor cores' convolutions read fastest
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    # fp16's narrow range underflows small gradients: scale the loss up, and the gradients back
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    named = device_record(device)["device_name"]
     history: list[dict] = []
     start = 0
     state = load_checkpoint(ctx)
@@ -167,6 +258,8 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
         if device.type == "cuda" and "cuda_rng" in state:
             for i, rng in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(rng, i)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history, start = list(state["history"]), int(state["epoch"])
         ctx.extra["resumed_from_epoch"] = start
     for epoch in range(start, epochs):
@@ -179,19 +272,23 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
         try:
             tr = train_one_epoch(model, x, y, optimizer, batch_size=batch_size, mean=mean, std=std, device=device,
                                  generator=generator, on_batch=counting(ctx, "train", len(y), batch_size, on_batch),
-                                 frozen_bn=frozen_bn)
+                                 frozen_bn=frozen_bn, precision=precision, scaler=scaler, channels_last=channels_last)
             seconds = time.perf_counter() - t0
             ev = evaluate(model, xv, yv, batch_size=max(batch_size, 64), mean=mean, std=std, device=device,
-                          on_batch=counting(ctx, "eval", len(yv), max(batch_size, 64)))
+                          on_batch=counting(ctx, "eval", len(yv), max(batch_size, 64)), precision=precision,
+                          channels_last=channels_last)
         except torch.cuda.OutOfMemoryError as err:
             raise out_of_memory(ctx, err, device, batch_size) from err
         history.append({"epoch": epoch + 1, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                         "val_loss": ev["loss"], "val_accuracy": ev["accuracy"], "seconds": round(seconds, 3),
-                        "images_per_second": round(len(y) / seconds, 1), "device": device.type})
+                        "images_per_second": round(len(y) / seconds, 1), "device": device.type,
+                        "device_name": named, "precision": precision})
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                  "history": history, "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
         if device.type == "cuda":  # only then: a CPU-only run must never initialise CUDA
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         save_checkpoint(ctx, epoch + 1, state)
     return history
 
@@ -199,33 +296,74 @@ def train_epochs(model: nn.Module, ctx, x: torch.Tensor, y: torch.Tensor, xv: to
 @torch.no_grad()
 def evaluate(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor | None, *,
              batch_size: int, mean: Sequence[float], std: Sequence[float],
-             device: torch.device = torch.device("cpu"), on_batch: BatchHook | None = None) -> dict[str, float]:
-    """Top-1 accuracy (and loss) over ``x``; with ``y=None`` it only runs the model (calibration)."""
+             device: torch.device = torch.device("cpu"), on_batch: BatchHook | None = None,
+             precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
+    """Top-1 accuracy (and loss) over ``x``; with ``y=None`` it only runs the model (calibration).
+    The sums stay on ``device`` until the end, as in ``train_one_epoch``."""
     if isinstance(model, nn.Module):
         model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    total_loss, correct = 0.0, 0
+    mean_t, std_t = (torch.as_tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+    total_loss, correct = _sums(device)
     n_batches = (len(x) + batch_size - 1) // batch_size
     for i, idx in enumerate(batches(len(x), batch_size)):
-        out = model(normalize(x[idx], mean, std).to(device))
-        if y is not None:
-            yb = y[idx].to(device)
-            total_loss += loss_fn(out, yb).item()
-            correct += (out.argmax(1) == yb).sum().item()
+        xb = normalize(to_device(x, idx, device), mean_t, std_t)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            out = model(xb)
+            if y is not None:
+                yb = to_device(y, idx, device)
+                total_loss += loss_fn(out, yb).double()
+                correct += (out.argmax(1) == yb).sum()
         if on_batch:
             on_batch(i + 1, n_batches)
     if y is None:
         return {}
-    return {"loss": total_loss / max(len(y), 1), "accuracy": correct / max(len(y), 1)}
+    return {"loss": total_loss.item() / max(len(y), 1), "accuracy": correct.item() / max(len(y), 1)}
 
 
-def pick_device(preference: str) -> torch.device:
+def pick_device(preference: str, stage: str = "finetune") -> torch.device:
+    """The device ``preference`` (finetune.device) names here. ``cuda`` on a worker without a
+    usable CUDA device raises DeviceUnavailable, which the worker answers by requeueing the stage
+    for another worker, instead of failing it for good."""
     if preference == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if preference == "cuda":
-        from pipeline.errors import ConfigError
-
-        raise ConfigError("finetune.device is cuda but this worker has no CUDA device: use auto")
+        try:  # in the stage's own process: the parent of a prefork worker never initialises CUDA
+            torch.cuda.init()
+            why = "no CUDA device is visible"
+        except Exception as err:  # the driver's or the build's own words
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise DeviceUnavailable(
+            f"{stage} needs CUDA (finetune.device: cuda), and this worker has no usable CUDA device: {why}"
+            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+            + ". Requeued for a worker with CUDA: start a gpu worker on a machine with an NVIDIA GPU "
+            "(qpipe worker --queues gpu --require-cuda), or set finetune.device: auto to train on the CPU")
     return torch.device("cpu")
+
+
+def training_precision(asked: str, device: torch.device) -> tuple[str, str | None]:
+    """The precision a stage trains in on ``device``, and why it is not ``asked`` (None when it
+    is). Mixed precision is for CUDA: the spec refuses it with device: cpu, and with device: auto
+    on a worker without CUDA the stage trains in fp32 instead of failing, and says so; bf16 on a
+    GPU without native bf16 (before compute capability 8.0) trains in fp32 too."""
+    if asked == "fp32":
+        return asked, None
+    if device.type != "cuda":
+        return "fp32", f"precision {asked} needs CUDA and this worker trained on the {device.type}: trained in fp32"
+    if asked == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        name = torch.cuda.get_device_name(device)
+        return "fp32", f"precision bf16: {name} has no native bf16: trained in fp32 (fp16 would run there)"
+    return asked, None
+
+
+def device_record(device: torch.device) -> dict[str, Any]:
+    """What a training stage ran on, for its manifest: the device type, its name (the GPU's, or
+    "cpu"), and the CUDA_VISIBLE_DEVICES its worker process was given (None when unset)."""
+    return {"device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

@@ -5,7 +5,8 @@
     qpipe status RUN_ID [--broker URL] [--store URI] [--json]
     qpipe watch RUN_ID [--broker URL] [--store URI]
     qpipe cancel RUN_ID [--broker URL]
-    qpipe worker --queues cpu|gpu|cpu,gpu [--broker URL] [--store URI] [--concurrency N]
+    qpipe worker --queues cpu|gpu|cpu,gpu [--broker URL] [--store URI] [--concurrency N] [--gpus 0,1]
+                 [--require-cuda]
     qpipe flower [--broker URL] [--port 5555] [--address 127.0.0.1] [-- FLOWER ARGS]
 
 Exit status: 0 when the run succeeded, 1 when it failed or was cancelled, 2 when the spec or
@@ -70,7 +71,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="start a worker for the cpu and/or gpu queue")
     p.add_argument("--queues", default="cpu", help="cpu, gpu or cpu,gpu")
     _common(p)
-    p.add_argument("--concurrency", type=int, default=1, help="processes (prefork) for the cpu queue")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="pool processes (default: 1; with the gpu queue, one per GPU of --gpus)")
+    p.add_argument("--gpus", default=None,
+                   help="gpu queue: the GPUs of the pool processes, one each (CUDA_VISIBLE_DEVICES entries: 0,1 or "
+                        "GPU-<uuid>,...); default: every usable GPU a CUDA probe at start finds")
+    p.add_argument("--require-cuda", action="store_true",
+                   help="refuse to start (exit 2) when the CUDA probe finds no usable GPU, instead of training "
+                        "on the CPU")
     p.add_argument("--pool", choices=["prefork", "solo", "threads"], default="prefork",
                    help="prefork (default): stages run in pool processes that the worker recycles; the "
                         "parent never touches CUDA, so a child initialises it after the fork")
@@ -247,6 +255,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if bad or not queues:
         raise SystemExit(f"qpipe worker: unknown queue(s) {bad}: use cpu, gpu or cpu,gpu")
     from pipeline.errors import ConfigError
+    from workers import gpu
+
+    if args.gpus is not None:
+        if "gpu" not in queues:
+            raise ConfigError(f"--gpus {args.gpus} only applies to a worker of the gpu queue: add --queues gpu, "
+                              "or drop --gpus")
+        try:
+            gpu.parse_gpus(args.gpus)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    # the probe runs in a child process while this one starts up: the parent never initialises CUDA
+    probing = gpu.start_probe() if "gpu" in queues or args.require_cuda else None
+    if args.require_cuda:  # refuse before connecting to anything
+        found = probing.result()
+        if not found.usable:
+            raise ConfigError(f"--require-cuda: no usable CUDA device: {found.why_none()} ({found.lines()[-1]}): "
+                              "start this worker where an NVIDIA GPU and its driver are, or drop --require-cuda "
+                              "to train on the CPU")
     from pipeline.store import open_store
 
     uri = args.store or os.environ.get("QPIPE_STORE_URI")
@@ -281,8 +307,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
                              f"{err.strerror or err}") from None
     argv = ["worker", "-Q", ",".join(queues), "-P", pool, "-n", node, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle"]
-    if pool != "solo":
-        argv += ["--concurrency", str(args.concurrency)]
     if pool == "prefork":
         per_child = args.max_tasks_per_child
         if per_child is None:
@@ -298,6 +322,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from pipeline.stages import load_all
 
         load_all()
+    concurrency = args.concurrency or 1
+    if probing is not None:  # its answer, once this process's own imports are done
+        try:
+            setup = gpu.plan_worker(probing.result(), args.gpus, args.concurrency)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        gpu.apply(setup, pool)
+        concurrency = setup.concurrency
+    if pool != "solo":
+        argv += ["--concurrency", str(concurrency)]
     app.worker_main(argv)
     return EXIT_OK
 

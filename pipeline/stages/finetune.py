@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from pipeline.models import build_model, head_of
 from pipeline.quant import export_torchscript
 from pipeline.stages import StageContext, register
 from pipeline.stages.common import example_input, load_split, norm
-from pipeline.train import pick_device, seed_everything, train_epochs
+from pipeline.train import device_record, pick_device, seed_everything, train_epochs, training_precision
+
+log = logging.getLogger(__name__)
 
 
 @register("finetune", version=1, queue="gpu")
@@ -16,6 +20,10 @@ def finetune(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     data = inputs["data"]
     seed_everything(cfg["seed"])
     device = pick_device(cfg["device"])
+    # mixed precision where there is CUDA; without it (device: auto on a CPU worker), fp32 and a note
+    precision, precision_note = training_precision(cfg.get("precision", "fp32"), device)
+    if precision_note:
+        log.warning("%s: %s", ctx.stage, precision_note)
     weights, checkpoint = cfg.get("weights"), None
     name = None
     if weights and weights["kind"] == "torchvision":
@@ -32,8 +40,11 @@ def finetune(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     xv, yv = load_split(ctx, data, "val")
     history = train_epochs(model, ctx, x, y, xv, yv, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                            lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                           device=device, seed=cfg["seed"], frozen_bn=cfg["freeze_backbone"], **norm(data))
+                           device=device, seed=cfg["seed"], frozen_bn=cfg["freeze_backbone"], precision=precision,
+                           channels_last=True, **norm(data))
     model.cpu().eval()
+    if device.type == "cuda":  # trained channels_last: exported and saved in the usual layout
+        model.to(memory_format=torch.contiguous_format)
     sd_path = ctx.workdir / "model.pt"
     torch.save(model.state_dict(), sd_path)
     ts_path = export_torchscript(model, example_input(data), ctx.workdir / "model.ts")
@@ -42,7 +53,9 @@ def finetune(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "preprocess": data["preprocess"],
         "history": history,
         "metrics": {"val_accuracy": history[-1]["val_accuracy"] if history else None},
-        "device": device.type,
+        **device_record(device),
+        "precision": precision,
+        **({"precision_note": precision_note} if precision_note else {}),
         "resumed_from_epoch": ctx.extra.get("resumed_from_epoch", 0),
         "format": "torchscript",
         "outputs": {"state_dict": ctx.put("model.pt", sd_path), "model": ctx.put("model.ts", ts_path)},

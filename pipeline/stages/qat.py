@@ -1,17 +1,19 @@
-"""qat (gpu queue): quantization-aware fine-tuning from the fp32 checkpoint, then int8."""
+"""qat (gpu queue): quantization-aware fine-tuning from the fp32 checkpoint, then int8. Always in
+fp32 and the default memory layout, on CUDA too: the fake-quantize observers measure the ranges
+the int8 model will have, which autocast's bf16/fp16 activations would distort."""
 
 from __future__ import annotations
 
 from pipeline.quant import convert_qat, count_layers, export_torchscript, layer_table, prepare_qat
 from pipeline.stages import StageContext, register
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
-from pipeline.train import pick_device, train_epochs
+from pipeline.train import device_record, pick_device, train_epochs
 
 
 @register("qat", version=1, queue="gpu")
 def qat(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     data, fp32 = inputs["data"], inputs["model"]
-    device = pick_device(cfg["device"])
+    device = pick_device(cfg["device"], "qat")
     example = example_input(data)
     prepared = prepare_qat(load_fp32(ctx, fp32, data), example, backend=cfg["backend"], arch=cfg["arch"])
     x, y = load_split(ctx, data, "train")
@@ -29,7 +31,8 @@ def qat(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "method": "qat",
         "backend": cfg["backend"],
         "history": history,
-        "device": device.type,
+        **device_record(device),
+        "precision": "fp32",
         "resumed_from_epoch": ctx.extra.get("resumed_from_epoch", 0),
         "layers": rows,
         "int8_layers": int8,
