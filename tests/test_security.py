@@ -36,6 +36,7 @@ from pipeline.spec import load_spec
 from pipeline.store import FileStore, S3Store, check_key, open_store
 from tests.conftest import wait_for
 from tests.test_scale import FlowerProcess
+from workers.app import app as shared_app
 from workers.app import create_app
 from workers.client import Client, check_broker
 from workers.embedded import EmbeddedCluster, WorkerProcess
@@ -592,8 +593,11 @@ def test_embedded_broker_refuses_clients_without_its_password(tmp_path: Path, ca
         # the workers were given the password through their environment, not their command line
         for node, cmdlines in worker_groups(cluster.workers).items():
             assert all(password.encode() not in c for c in cmdlines.values()), node
+        # AsyncResult.__del__ talks to the broker: let it run while the broker is up. The Client's
+        # app is Celery's current app, which Celery holds on to: make the shared app current.
         del handle
-        gc.collect()  # AsyncResult.__del__ talks to the broker: let it run while the broker is up
+        shared_app.set_current()
+        gc.collect()
     assert "embedded cluster up" in caplog.text and password not in caplog.text
 
 
