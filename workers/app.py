@@ -14,6 +14,9 @@ Settings (overridable through the environment):
   of the messages it holds (``workers/leases.py``), so a running stage is never handed to a
   second worker however long it runs, and a dead worker's stage is redelivered once
   ``visibility_timeout`` (300 s) has passed.
+- ``QPIPE_MAX_DELIVERIES`` (3): a stage whose process dies on that many deliveries in a row (the
+  OOM killer, a segfault) is failed with the cause instead of being delivered again forever
+  (``workers/deliveries.py``); a stage killed once or twice still resumes.
 - Results (chord counters included) expire after 7 days, longer than any pipeline's span.
 """
 
@@ -45,6 +48,11 @@ MAX_RETRIES = int(os.environ.get("QPIPE_MAX_RETRIES", 8))
 LEASE_INTERVAL = float(os.environ.get("QPIPE_LEASE_INTERVAL", 10))
 VISIBILITY_TIMEOUT = int(os.environ.get("QPIPE_VISIBILITY_TIMEOUT", 300))
 RESTORE_INTERVAL = int(os.environ.get("QPIPE_RESTORE_INTERVAL", 10))
+# deliveries of one stage in a row whose process died before the stage is failed (workers/deliveries.py)
+MAX_DELIVERIES = int(os.environ.get("QPIPE_MAX_DELIVERIES", 3))
+if MAX_DELIVERIES < 1:
+    raise ValueError(f"QPIPE_MAX_DELIVERIES ({MAX_DELIVERIES}) must be at least 1: the number of deliveries of a "
+                     "stage whose process died before the stage is failed (default 3)")
 if VISIBILITY_TIMEOUT < 3 * LEASE_INTERVAL:
     raise ValueError(f"QPIPE_VISIBILITY_TIMEOUT ({VISIBILITY_TIMEOUT}s) must be at least 3x "
                      f"QPIPE_LEASE_INTERVAL ({LEASE_INTERVAL}s)")

@@ -32,7 +32,8 @@ from celery import Task
 from celery.exceptions import Retry
 
 from workers import metrics
-from workers.app import MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
+from workers.app import MAX_DELIVERIES, MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
+from workers.deliveries import Deliveries, explain
 from workers.state import FINAL_RUN_STATES, RunState, connect
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,30 @@ def stage_lock(client: redis.Redis, key: str, owner: str, on_wait: Callable[[], 
         with contextlib.suppress(*BROKER_ERRORS):
             client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
                         "return 0", 1, key, owner)
+
+
+@contextlib.contextmanager
+def counted_delivery(client: redis.Redis, stage: str, key: str) -> Iterator[None]:
+    """Count this delivery of a stage until it ends under control (``workers/deliveries.py``);
+    after QPIPE_MAX_DELIVERIES deliveries in a row died, fail the stage instead of running it.
+    Entered once the stage lock is held. An Exception is a controlled end (the stage's outcome,
+    or a retry); SystemExit or a killed process is not, and leaves the count."""
+    from pipeline.errors import StageError
+
+    deliveries = Deliveries(client, stage, key)
+    died = patiently(deliveries.begin, "deliveries")
+    try:
+        if died >= MAX_DELIVERIES:
+            raise StageError(explain(died, patiently(deliveries.causes, "deliveries"), MAX_DELIVERIES))
+        if died:
+            log.warning("%s %s: delivery %d; %d before it died without finishing (limit %d)", stage, key, died + 1,
+                        died, MAX_DELIVERIES)
+        yield
+    except Exception:
+        with contextlib.suppress(*BROKER_ERRORS):  # the outcome matters more than the count
+            patiently(deliveries.end, "deliveries")
+        raise
+    patiently(deliveries.end, "deliveries")
 
 
 def remove_partial_outputs(store: Any, node: dict, keep_checkpoints: bool) -> None:
@@ -191,7 +216,7 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
     try:
         store = open_store(store_uri)
         store.on_transfer = metrics.count_transfer
-        with stage_lock(state.r, lock, owner, waiting):
+        with stage_lock(state.r, lock, owner, waiting), counted_delivery(state.r, stage, node["key"]):
             patiently(lambda: state.update_stage(node_id, state="running", worker=worker, pid=os.getpid(),
                                                  started=time.time(), progress=0.0,
                                                  attempt=task.request.retries + 1, error=None),
@@ -284,7 +309,8 @@ def _make_task(stage: str, queue: str) -> Task:
     stage_task.__name__ = f"{stage}_task"
     stage_task.__doc__ = f"qpipe stage '{stage}' (queue {queue})."
     return app.task(name=f"qpipe.{stage}", bind=True, queue=queue, acks_late=True,
-                    reject_on_worker_lost=True, max_retries=MAX_RETRIES)(stage_task)
+                    reject_on_worker_lost=True, max_retries=MAX_RETRIES,
+                    Request="workers.deliveries:Request")(stage_task)
 
 
 TASKS = {stage: _make_task(stage, queue) for stage, queue in STAGE_QUEUES.items()}
