@@ -298,6 +298,14 @@ class S3Store(Store):
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise ConfigError(f"store URI {uri!r} has no bucket: use s3://BUCKET/PREFIX")
+        from minio.helpers import check_bucket_name
+
+        try:  # the client's own rule, checked here so the refusal names the URI and the fix
+            check_bucket_name(bucket, strict=True)
+        except ValueError:
+            raise ConfigError(f"store URI {uri!r}: {bucket!r} is not a valid S3 bucket name (3-63 characters: "
+                              "lowercase letters, digits, dots and hyphens, starting and ending with a letter "
+                              "or digit)") from None
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if self.prefix:

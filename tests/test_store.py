@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ConfigError, QpipeError, TransientError
-from pipeline.store import PART_SIZE, ArtifactMissing, ArtifactRef, FileStore, S3Store, Store
+from pipeline.store import PART_SIZE, ArtifactMissing, ArtifactRef, FileStore, S3Store, Store, open_store
 
 BUCKET = "qpipe-store-test"
 MiB = 1024 * 1024
@@ -291,3 +291,9 @@ def test_unreachable_endpoint_is_transient(caplog: pytest.LogCaptureFixture) -> 
     assert f"127.0.0.1:{port}" in str(info.value) and "sk-secret" not in str(info.value)
     assert not isinstance(info.value, ConfigError)  # a TransientError is retried, a ConfigError is not
     assert "retry" in caplog.text  # it was retried with backoff before giving up
+
+
+@pytest.mark.parametrize("uri", ["s3://b/prefix", "s3://Upper/prefix", "s3://under_score", "s3://-dash/x"])
+def test_invalid_bucket_name_is_a_config_error_naming_the_rule(uri: str) -> None:
+    with pytest.raises(ConfigError, match="not a valid S3 bucket name"):
+        open_store(uri)
