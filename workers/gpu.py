@@ -243,7 +243,8 @@ def pin_pool_processes(gpus: Sequence[str]) -> Callable[..., None]:
         device = device_for(index, chosen)
         # before anything in this process initialises CUDA: cuInit reads it once
         os.environ["CUDA_VISIBLE_DEVICES"] = device
-        log.info("pool process %d (pid %d): CUDA_VISIBLE_DEVICES=%s", index, os.getpid(), device)
+        log.info("pool process %d (pid %d): CUDA_VISIBLE_DEVICES=%s", index, os.getpid(),
+                 os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     worker_process_init.connect(on_pool_process_init, weak=False)
     return on_pool_process_init
