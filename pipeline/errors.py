@@ -8,8 +8,10 @@ QpipeError
  │    ├── CorruptArtifact  a stored object does not hash to the sha256 its manifest records (bit
  │    │                    rot, a truncated upload, tampering): never retried as an outage and
  │    │                    never loaded; a cached stage holding one is recomputed when next run
- │    └── OutOfMemory      the stage ran out of accelerator memory: never retried (the same batch
- │                         would not fit); its checkpoints are kept for a rerun to resume from
+ │    ├── OutOfMemory      the stage ran out of accelerator memory: never retried (the same batch
+ │    │                    would not fit); its checkpoints are kept for a rerun to resume from
+ │    └── ProcessLost      the stage's process died (OOM killer, segfault) on QPIPE_MAX_DELIVERIES
+ │                         deliveries in a row: not delivered again; its checkpoints are kept
  ├── TransientError   the store or broker is unreachable right now: retried with backoff
  │    └── DeviceUnavailable  the stage needs CUDA and this worker has none: retried the same way,
  │                           so another worker (one with a GPU) may take it; failed with the reason
@@ -20,6 +22,9 @@ QpipeError
 
 class QpipeError(Exception):
     """Base class of every error qpipe raises on purpose."""
+
+    # whether a failed stage keeps its resume checkpoints (and only them) for a rerun
+    keeps_checkpoints = False
 
 
 class ConfigError(QpipeError):
@@ -47,11 +52,20 @@ class CorruptArtifact(StageError):
         self.uri, self.key, self.expected, self.actual, self.size = uri, key, expected, actual, size
         super().__init__(f"{uri} is corrupt: its {size} bytes hash to sha256 {actual}, but {expected} was "
                          "recorded; it was not loaded. Rerun: a cached stage with a corrupt output is "
-                         "recomputed (a source or weights file is uploaded again once the object is deleted)")
+                         "recomputed, and a corrupt source or weights file is uploaded again")
 
 
 class OutOfMemory(StageError):
     """A stage ran out of accelerator memory; the message names the batch size and the fix."""
+
+    keeps_checkpoints = True
+
+
+class ProcessLost(StageError):
+    """The stage's process died without a word on every one of its last deliveries; the message
+    names the signals and what to try. A rerun with more memory resumes from the checkpoints."""
+
+    keeps_checkpoints = True
 
 
 class TransientError(QpipeError):

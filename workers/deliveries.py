@@ -19,7 +19,9 @@ The cause is known only to the worker's main process: it sees billiard's ``Worke
 ("Worker exited prematurely: signal 9 (SIGKILL)") for the pool process it lost. The stage tasks
 use ``Request`` below (Celery's per-task ``Request`` class), which records that status in a hash
 next to the counter before the message goes back to the queue. When the whole worker dies (its
-pod evicted or OOM-killed as a unit), no cause is recorded, but the death still counts.
+pod evicted or OOM-killed as a unit), no cause is recorded, but the death still counts. The main
+process also frees the stage lock the dead process held, so the redelivery need not wait
+``QPIPE_LOCK_TTL`` for it to expire.
 """
 
 from __future__ import annotations
@@ -103,10 +105,15 @@ class Request(CeleryRequest):
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
         if isinstance(exc, WorkerLostError):  # recorded before the message goes back to the queue
+            from workers.tasks import lock_name, lock_owner, release_lock
+
             try:
-                node = self.args[1]
-                Deliveries(_client(self.task.app.conf.broker_url), node["stage"], node["key"]).record_loss(
-                    worker_status(exc))
+                run_id, node = self.args[0], self.args[1]
+                client = _client(self.task.app.conf.broker_url)
+                Deliveries(client, node["stage"], node["key"]).record_loss(worker_status(exc))
+                # the dead process held the stage lock: free it now, so the redelivery starts at
+                # once instead of waiting QPIPE_LOCK_TTL for the lock to expire
+                release_lock(client, lock_name(run_id, node), lock_owner(self.hostname, self.id))
             except (redis.RedisError, LookupError, TypeError) as err:  # the loss still counts, unexplained
                 log.warning("could not record why %s[%s] was lost: %s", self.name, self.id, err)
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

@@ -66,7 +66,7 @@ STAGES = ("ingest", "finetune", "calibrate", "quantize", "qat", "benchmark", "re
 # exception class names kept as the error_type label; anything else is "other"
 ERROR_TYPES = frozenset({
     "ConfigError", "SpecError", "StageError", "TransientError", "Cancelled", "ArtifactMissing", "CorruptArtifact",
-    "OutOfMemory",
+    "OutOfMemory", "ProcessLost", "DeviceUnavailable",
     "SoftTimeLimitExceeded", "TimeLimitExceeded", "WorkerLostError", "OutOfMemoryError", "MemoryError",
     "RuntimeError", "ValueError", "TypeError", "KeyError", "IndexError", "AttributeError", "AssertionError",
     "NotImplementedError", "ZeroDivisionError", "OSError", "FileNotFoundError", "PermissionError",

@@ -103,8 +103,22 @@ def stage_lock(client: redis.Redis, key: str, owner: str, on_wait: Callable[[], 
     finally:
         stop.set()
         with contextlib.suppress(*BROKER_ERRORS):
-            client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
-                        "return 0", 1, key, owner)
+            release_lock(client, key, owner)
+
+
+def lock_name(run_id: str, node: dict[str, Any]) -> str:
+    """The stage lock of a node: per content key, and per run for the report (not cached)."""
+    return f"qpipe:lock:report:{run_id}" if node["stage"] == "report" else f"qpipe:lock:{node['stage']}:{node['key']}"
+
+
+def lock_owner(hostname: str, task_id: str) -> str:
+    return f"{hostname}:{task_id}"
+
+
+def release_lock(client: redis.Redis, key: str, owner: str) -> int:
+    """Delete ``key`` only while ``owner`` holds it (compare and delete in one step)."""
+    return client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+                       "return 0", 1, key, owner)
 
 
 @contextlib.contextmanager
@@ -113,13 +127,13 @@ def counted_delivery(client: redis.Redis, stage: str, key: str) -> Iterator[None
     after QPIPE_MAX_DELIVERIES deliveries in a row died, fail the stage instead of running it.
     Entered once the stage lock is held. An Exception is a controlled end (the stage's outcome,
     or a retry); SystemExit or a killed process is not, and leaves the count."""
-    from pipeline.errors import StageError
+    from pipeline.errors import ProcessLost
 
     deliveries = Deliveries(client, stage, key)
     died = patiently(deliveries.begin, "deliveries")
     try:
         if died >= MAX_DELIVERIES:
-            raise StageError(explain(died, patiently(deliveries.causes, "deliveries"), MAX_DELIVERIES))
+            raise ProcessLost(explain(died, patiently(deliveries.causes, "deliveries"), MAX_DELIVERIES))
         if died:
             log.warning("%s %s: delivery %d; %d before it died without finishing (limit %d)", stage, key, died + 1,
                         died, MAX_DELIVERIES)
@@ -205,8 +219,7 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         extra["cancelled"] = state.cancel_requested()
         extra["cached_stages"] = sum(1 for s in state.stages().values() if s["state"] == "cached")
     store = None
-    lock = f"qpipe:lock:{stage}:{node['key']}" if stage != "report" else f"qpipe:lock:report:{run_id}"
-    owner = f"{worker}:{task.request.id}"
+    lock, owner = lock_name(run_id, node), lock_owner(worker, task.request.id)
 
     def waiting() -> None:
         with contextlib.suppress(*BROKER_ERRORS):
@@ -238,13 +251,12 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         out = finish("cancelled", error=str(err))
         _cleanup(store, node, keep_checkpoints=True)
     except (ConfigError, StageError) as err:
-        from pipeline.errors import OutOfMemory
-
         attempt.end("failed", err)
         log.error("%s %s failed: %s", run_id, node_id, err)
         out = finish("failed", error=str(err))
-        # out of memory: the epochs trained so far stay, for a rerun with room to resume from
-        _cleanup(store, node, keep_checkpoints=isinstance(err, OutOfMemory))
+        # out of memory, or a process lost every time: the epochs trained so far stay, for a rerun
+        # with room to resume from
+        _cleanup(store, node, keep_checkpoints=err.keeps_checkpoints)
     except Exception as err:  # a bug: keep the traceback in the log, the cause in the status
         attempt.end("failed", err)
         log.exception("%s %s crashed", run_id, node_id)
