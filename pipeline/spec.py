@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import reprlib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +28,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile", "mse", "entropy")
 DEFAULT_PERCENTILE = 99.99
 URI_SCHEMES = ("file://", "s3://")
+MAX_VARIANTS = 64  # per spec, across every variant set: each is a chain of stages and a benchmark
+# A spec file is a few hundred values a few levels deep; these bound what a hostile or broken file
+# can cost before it is refused (see _check_yaml_shape).
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_VALUES = 100_000
+YAML_TAGS = frozenset(tag for tag in yaml.SafeLoader.yaml_constructors if tag) | {"!"}  # plain data only
+_SHOWN = reprlib.Repr()  # values in messages are cut short: they may be huge (a 500-digit number, a long list)
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 60, 60, 40
 
 
 class _Strict(BaseModel):
@@ -63,10 +74,10 @@ class DataSpec(_Strict):
     image_size: int = Field(64, ge=16, le=1024)
     calib_size: int = Field(256, ge=1, le=100_000)
     max_image_pixels: int = Field(
-        50_000_000, ge=1, description="images with more pixels are skipped (decompression bombs)"
+        50_000_000, ge=1, le=1_000_000_000, description="images with more pixels are skipped (decompression bombs)"
     )
     max_archive_bytes: int = Field(
-        4 * 1024**3, ge=1, description="an archive that expands past this is refused"
+        4 * 1024**3, ge=1, le=1024**4, description="an archive that expands past this is refused"
     )
 
     @field_validator("source", "val_source")
@@ -111,20 +122,9 @@ class FinetuneSpec(_Strict):
     batch_size: int = Field(64, ge=1, le=4096)
     lr: float = Field(0.001, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     freeze_backbone: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="on CUDA: bf16 or fp16 autocast (fp16 with a gradient scaler) and channels_last; "
-        "weights stay fp32. CUDA only: refused with device: cpu; with device: auto on a worker without CUDA the "
-        "stage trains in fp32 and its manifest says why. QAT variants always train in fp32")
-
-    @model_validator(mode="after")
-    def _precision_needs_cuda(self) -> FinetuneSpec:
-        if self.precision != "fp32" and self.device == "cpu":
-            raise _refuse("finetune.precision", f"{self.precision} is mixed precision on CUDA, and finetune.device "
-                                                "is cpu: set device: cuda (or auto), or remove precision")
-        return self
 
 
 class VariantSpec(_Strict):
@@ -202,7 +202,7 @@ class VariantSpec(_Strict):
 class QuantizeSpec(_Strict):
     backend: Literal["x86", "qnnpack"] = "x86"
     # required, unless sweep.variant_sets lists the variants instead (checked by PipelineSpec)
-    variants: list[VariantSpec] | None = Field(None, min_length=1)
+    variants: list[VariantSpec] | None = Field(None, min_length=1, max_length=MAX_VARIANTS)
     sensitivity_parts: int = Field(
         4, ge=1, le=256, description="tasks each sensitivity analysis is split into (layers dealt round-robin): "
         "with N cpu workers, N or more parts finish about N times sooner than one")
@@ -239,6 +239,10 @@ class SweepSpec(_Strict):
         # a name is a row of the report and a node of the plan per arch: one definition per name, even
         # when two sets would list the same variant (put it in one set; every arch measures it once)
         owner: dict[str, str] = {}
+        total = sum(len(variants) for variants in (value or {}).values())
+        if total > MAX_VARIANTS:
+            raise ValueError(f"the variant sets list {total} variants, over the limit of {MAX_VARIANTS}: "
+                             "split the sweep into several specs")
         for set_name, variants in (value or {}).items():
             _check_name(set_name, "variant set name")
             if not variants:
@@ -260,7 +264,7 @@ class SweepSpec(_Strict):
 
 
 class BenchmarkSpec(_Strict):
-    batch_sizes: list[int] = Field([1, 32], min_length=1)
+    batch_sizes: list[int] = Field([1, 32], min_length=1, max_length=16)
     threads: int = Field(1, ge=1, le=256)
     accuracy_budget: float = Field(0.01, ge=0.0, le=1.0)
     warmup: int = Field(3, ge=0, le=1000)
@@ -384,6 +388,57 @@ def _resolve_path(value: str | None, base: Path, *, bare_word_is_name: bool = Fa
     return str((base / value).expanduser().resolve())
 
 
+def _leaf_field(loc: tuple) -> tuple[str, Any] | None:
+    """The field an error location ends at, with its pydantic FieldInfo (list indexes and the
+    keys of dict-valued fields, such as a variant set's name, are stepped over)."""
+    model: type[BaseModel] | None = PipelineSpec
+    found = None
+    key_next = False
+    for part in loc:
+        if isinstance(part, int) or key_next:
+            key_next = False
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        found = (part, model.model_fields[part])
+        model, key_next = _inside(found[1].annotation)
+    return found
+
+
+def _inside(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The spec model an annotation holds (through Optional, list and dict), and whether a dict
+    is crossed on the way (its keys then appear in error locations)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    crossed = typing.get_origin(annotation) is dict
+    for arg in typing.get_args(annotation):
+        model, inner = _inside(arg)
+        if model is not None:
+            return model, crossed or inner
+    return None, False
+
+
+def _allowed_range(loc: tuple, path: str) -> str:
+    """': allowed range: 1 <= finetune.epochs <= 1000', from the field's declared bounds."""
+    leaf = _leaf_field(loc)
+    if leaf is None:
+        return ""
+    low = high = ""
+    for c in leaf[1].metadata:
+        if getattr(c, "ge", None) is not None:
+            low = f"{c.ge} <= "
+        elif getattr(c, "gt", None) is not None:
+            low = f"{c.gt} < "
+        elif getattr(c, "le", None) is not None:
+            high = f" <= {c.le}"
+        elif getattr(c, "lt", None) is not None:
+            high = f" < {c.lt}"
+    return f": allowed range: {low}{path}{high}" if low or high else ""
+
+
+BOUND_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"})
+
+
 def _explain(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
@@ -397,7 +452,8 @@ def _explain(err: ValidationError) -> list[str]:
             problems.append(f"{loc}: required field is missing: add it")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{loc}: {msg} (got {e.get('input')!r})")
+            fix = _allowed_range(e["loc"], loc) if e["type"] in BOUND_ERRORS else ""
+            problems.append(f"{loc}: {msg} (got {_SHOWN.repr(e.get('input'))}){fix}")
     return problems
 
 
@@ -422,6 +478,55 @@ def parse_spec(data: Any, *, base_dir: str | Path | None = None, source: str = "
     return spec
 
 
+def _check_yaml_shape(text: str) -> None:
+    """Refuse, before anything is built from it, a YAML text that is not plain data of a
+    bounded size. Raises ValueError saying what is wrong.
+
+    Aliases let a few lines stand for billions of values (the "billion laughs": each anchor a
+    list of nine aliases of the one before). The YAML loader shares one object per anchor, but
+    everything that then walks the spec (validation, its error messages, JSON dumps) sees the
+    whole expansion. So the parser's events are read once, and each node's expanded size is
+    counted as it closes (an alias counts as the node it names), refusing past MAX_SPEC_VALUES;
+    the work is linear in the text, whatever it would expand to. Nesting is bounded too (the
+    loader recurses per level, and its scanner slows down with the flow depth), and so are tags:
+    a spec is mappings, lists and scalars, never an object of some class (``!!python/...``).
+    """
+    sizes: dict[str, int] = {}  # expanded size of each anchored node, once closed
+    open_nodes: list[list] = [[None, 0]]  # [anchor, expanded size] of each open collection; the stream
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        tag = getattr(event, "tag", None)
+        if tag is not None and tag not in YAML_TAGS:
+            shown = tag.replace("tag:yaml.org,2002:", "!!")
+            raise ValueError(f"line {event.start_mark.line + 1}: the tag {shown} is not allowed: a spec holds plain "
+                             "values (mappings, lists, strings, numbers, booleans): remove the tag")
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_nodes.append([event.anchor, 1])
+            if len(open_nodes) > MAX_SPEC_DEPTH + 1:
+                raise ValueError(f"line {event.start_mark.line + 1}: nested more than {MAX_SPEC_DEPTH} levels deep "
+                                 "(a spec needs five): the file is not a spec")
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = open_nodes.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, size = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor not in sizes:
+                if any(a == event.anchor for a, _ in open_nodes):
+                    raise ValueError(f"line {event.start_mark.line + 1}: the alias *{event.anchor} refers to a "
+                                     "node that holds it (a loop): write the values out instead")
+                continue  # an undefined alias: the loader reports it
+            anchor, size = None, sizes[event.anchor]
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = size
+        open_nodes[-1][1] += size
+        if open_nodes[-1][1] > MAX_SPEC_VALUES:
+            raise ValueError(f"line {event.start_mark.line + 1}: the file expands to over {MAX_SPEC_VALUES} values "
+                             "through its aliases (*name): a spec holds a few hundred; write the values out "
+                             "instead of nesting aliases")
+
+
 def load_spec(spec: str | Path | dict | PipelineSpec) -> PipelineSpec:
     """Load and validate a spec from a YAML path, a dict or a PipelineSpec."""
     if isinstance(spec, (dict, PipelineSpec)):
@@ -429,8 +534,16 @@ def load_spec(spec: str | Path | dict | PipelineSpec) -> PipelineSpec:
     path = Path(spec)
     if not path.is_file():
         raise SpecError([f"no spec file at {path}: check the path"], str(path))
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError([f"the file is {size} bytes, over the limit of {MAX_SPEC_BYTES} for a spec (a spec is a "
+                         "few KB): check that this is the spec file"], str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        _check_yaml_shape(text)
+        data = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise SpecError([f"not valid YAML: {err}"], str(path)) from None
+    except ValueError as err:
+        raise SpecError([f"refused YAML: {err}"], str(path)) from None
     return parse_spec(data, base_dir=path.parent, source=str(path))

@@ -7,6 +7,8 @@ A table of refused specs (each a small edit of a valid base spec), the refusals 
 from __future__ import annotations
 
 import copy
+import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,6 +137,93 @@ def test_several_problems_are_reported_together() -> None:
     assert {"finetune.epochs", "data.val_fraction"} <= fields
 
 
+# ------------------------------------------------------------------------------ upper bounds
+
+# (a field, a value over its bound, the allowed range the refusal must state)
+OVER_BOUNDS = [
+    ("seed", 2**40, "0 <= seed <= 2147483647"),
+    ("data.val_fraction", 1.5, "0.0 < data.val_fraction < 1.0"),
+    ("data.image_size", 10**5, "16 <= data.image_size <= 1024"),
+    ("data.calib_size", 10**9, "1 <= data.calib_size <= 100000"),
+    ("data.max_image_pixels", 10**12, "1 <= data.max_image_pixels <= 1000000000"),
+    ("data.max_archive_bytes", 2**50, "1 <= data.max_archive_bytes <= 1099511627776"),
+    ("finetune.epochs", 10**9, "1 <= finetune.epochs <= 1000"),
+    ("finetune.batch_size", 10**6, "1 <= finetune.batch_size <= 4096"),
+    ("finetune.lr", 1e3, "0.0 < finetune.lr <= 10.0"),
+    ("finetune.momentum", 1.0, "0.0 <= finetune.momentum < 1.0"),
+    ("finetune.weight_decay", 2.0, "0.0 <= finetune.weight_decay <= 1.0"),
+    ("quantize.variants.2.epochs", 10**9, "1 <= quantize.variants.2.epochs <= 1000"),
+    ("quantize.variants.2.lr", 1e3, "0.0 < quantize.variants.2.lr <= 10.0"),
+    ("quantize.variants.2.batch_size", 10**6, "1 <= quantize.variants.2.batch_size <= 4096"),
+    ("quantize.sensitivity_parts", 10**6, "1 <= quantize.sensitivity_parts <= 256"),
+    ("benchmark.threads", 10**6, "1 <= benchmark.threads <= 256"),
+    ("benchmark.accuracy_budget", 2.0, "0.0 <= benchmark.accuracy_budget <= 1.0"),
+    ("benchmark.warmup", 10**9, "0 <= benchmark.warmup <= 1000"),
+    ("benchmark.iterations", 10**9, "1 <= benchmark.iterations <= 100000"),
+]
+
+
+def _set(spec: dict, path: str, value: object) -> dict:
+    *parents, leaf = path.split(".")
+    node: object = spec
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})  # type: ignore[union-attr]
+    node[leaf] = value  # type: ignore[index]
+    return spec
+
+
+@pytest.mark.parametrize(("path", "value", "allowed"), [pytest.param(*row, id=row[0]) for row in OVER_BOUNDS])
+def test_value_over_its_bound_is_refused_naming_field_value_and_range(path: str, value: object, allowed: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(_set(copy.deepcopy(BASE), path, value))
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}: ") and f"(got {value!r})" in problem, problem
+    assert problem.endswith(f"allowed range: {allowed}"), problem
+
+
+def test_every_number_in_the_spec_has_an_upper_bound() -> None:
+    """A new numeric field without ``le``/``lt`` would let 10**9 epochs through: list them all."""
+    from pydantic import BaseModel
+
+    from pipeline import spec as module
+
+    unbounded = []
+    for model in [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, BaseModel)]:
+        for name, info in model.model_fields.items():
+            numeric = info.annotation in (int, float) or (  # int | None; list[int] is checked by a validator
+                typing.get_origin(info.annotation) is not list and {int, float} & set(typing.get_args(info.annotation)))
+            bounds = {k for c in info.metadata for k in ("le", "lt") if getattr(c, k, None) is not None}
+            if numeric and not bounds:
+                unbounded.append(f"{model.__name__}.{name}")
+    assert unbounded == []
+    bounded = {row[0].split(".")[-1] for row in OVER_BOUNDS}
+    assert {"epochs", "image_size", "calib_size", "lr", "weight_decay", "iterations"} <= bounded
+
+
+def test_a_huge_value_is_shown_cut_short() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(edited(section("finetune", epochs=10**500)))
+    [problem] = info.value.problems
+    assert "..." in problem and len(problem) < 200, problem
+    assert problem.endswith("allowed range: 1 <= finetune.epochs <= 1000")
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    pytest.param(section("benchmark", batch_sizes=list(range(1, 18))),
+                 ["benchmark.batch_sizes", "at most 16 items", "not 17"], id="batch-sizes"),
+    pytest.param(lambda s: s["quantize"].update(variants=[{"name": f"d{i}", "method": "dynamic"} for i in range(65)]),
+                 ["quantize.variants", "at most 64 items", "not 65"], id="variants"),
+    pytest.param(lambda s: (s.pop("quantize"), s.update(sweep={"variant_sets": {
+        f"s{j}": [{"name": f"d{j}-{i}", "method": "dynamic"} for i in range(13)] for j in range(5)}})),
+                 ["sweep.variant_sets", "65 variants, over the limit of 64", "split the sweep"], id="variant-sets"),
+])
+def test_lists_have_a_length_limit(edit: Callable[[dict], object], expected: list[str]) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(edited(edit))
+    text = str(info.value)
+    assert all(part in text for part in expected), text
+
+
 @pytest.mark.parametrize("value", [["a", "b"], "just a string", 42, None], ids=["list", "str", "int", "none"])
 def test_spec_that_is_not_a_mapping_is_refused(value: object) -> None:
     with pytest.raises(SpecError, match="mapping"):
@@ -163,6 +252,75 @@ def test_bad_yaml_file(tmp_path: Path, content: bytes) -> None:
         load_spec(path)
     assert "not valid YAML" in str(info.value)
     assert info.value.source == str(path)
+
+
+def _spec_text(extra: str = "") -> str:
+    return yaml.safe_dump(BASE) + extra
+
+
+def test_small_anchors_and_aliases_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: aliases\n"
+                    "finetune: &ft {epochs: 2, batch_size: 8}\n"
+                    "quantize:\n  variants:\n"
+                    "    - &q {name: q1, method: qat, epochs: 2}\n"
+                    "    - {<<: *q, name: q2}\n")
+    spec = load_spec(path)
+    assert [(v.name, v.method, v.epochs) for v in spec.quantize.variants] == [("q1", "qat", 2), ("q2", "qat", 2)]
+    assert spec.finetune.epochs == 2
+
+
+@pytest.mark.parametrize(("copies", "refused_for_size"), [(98, False), (99, True)], ids=["under", "over"])
+def test_the_expanded_size_bound_counts_every_alias(tmp_path: Path, copies: int, refused_for_size: bool) -> None:
+    """1001 values (a list of 1000) aliased ``copies`` times: 98 copies stay under 100000 values,
+    99 go over; under the bound, the spec is refused only for its unknown keys."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(_spec_text(f"big: &big [{', '.join(['0'] * 1000)}]\ncopies: [{', '.join(['*big'] * copies)}]\n"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    sized = any("expands to over 100000 values" in p for p in info.value.problems)
+    assert sized == refused_for_size, info.value.problems
+    if not refused_for_size:
+        assert {p.split(":")[0] for p in info.value.problems} == {"big", "copies"}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("a: &a [x]\n" + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n"
+                                          for i in range(9)) + "name: *j\n",
+                 ["line 6: the file expands to over 100000 values", "write the values out"], id="billion-laughs"),
+    pytest.param("name: &n {a: *n}\n", ["alias *n refers to a node that holds it"], id="loop"),
+    pytest.param("name: " + "{a: " * 50_000, ["nested more than 32 levels deep"], id="deep-flow"),
+    pytest.param("".join("  " * i + f"k{i}:\n" for i in range(200)), ["line 33: nested more than 32"], id="deep-block"),
+    pytest.param("name: !!python/object/apply:os.system [echo]\n",
+                 ["line 1: the tag !!python/object/apply:os.system is not allowed", "remove the tag"], id="python-tag"),
+    pytest.param("name: x\nseed: !!python/name:os.system ''\n", ["line 2: the tag !!python/name:os.system"],
+                 id="python-name"),
+    pytest.param("name: !env HOME\n", ["the tag !env is not allowed"], id="custom-tag"),
+])
+def test_hostile_yaml_is_refused_fast(tmp_path: Path, text: str, expected: list[str]) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    t0 = time.monotonic()
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 2.0, f"took {elapsed:.1f}s"
+    [problem] = info.value.problems
+    assert all(e in problem for e in expected), problem
+
+
+def test_plain_tags_are_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(_spec_text().replace("name: spec-test", "name: !!str spec-test") + "seed: !!int '7'\n")
+    assert load_spec(path).seed == 7
+
+
+def test_oversized_spec_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(_spec_text().encode() + b"#" * (1 << 20))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "over the limit of 1048576 for a spec" in str(info.value)
 
 
 @pytest.mark.parametrize("content", ["", "- a\n- b\n", "just words\n"], ids=["empty", "list", "scalar"])
