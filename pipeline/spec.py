@@ -125,6 +125,17 @@ class FinetuneSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     freeze_backbone: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="on CUDA: bf16 or fp16 autocast (fp16 with a gradient scaler) and channels_last; "
+        "weights stay fp32. CUDA only: refused with device: cpu; with device: auto on a worker without CUDA the "
+        "stage trains in fp32 and its manifest says why. QAT variants always train in fp32")
+
+    @model_validator(mode="after")
+    def _precision_needs_cuda(self) -> FinetuneSpec:
+        if self.precision != "fp32" and self.device == "cpu":
+            raise _refuse("finetune.precision", f"{self.precision} is mixed precision on CUDA, and finetune.device "
+                                                "is cpu: set device: cuda (or auto), or remove precision")
+        return self
 
 
 class VariantSpec(_Strict):
