@@ -87,6 +87,35 @@ def _s3_source_store(uri: str) -> tuple[S3Store, str]:
     return S3Store(f"s3://{bucket}"), key.strip("/")
 
 
+# The user's object keys are read through the client as they are: S3 allows any UTF-8 name
+# (spaces, accents, CJK), while the store's own methods take only qpipe's plain artifact keys
+# (pipeline.store.check_key). What each key may do is checked where it matters: the local path
+# it becomes (``_key_problem``).
+
+def _s3_objects(src: S3Store, prefix: str) -> list[tuple[str, str]]:
+    """(key, etag) of every object under ``prefix``/, sorted."""
+    return src._call(f"list {prefix}/", lambda: sorted(
+        (o.object_name, o.etag) for o in src.client.list_objects(src.bucket, prefix=prefix + "/", recursive=True)))
+
+
+def _s3_download(src: S3Store, key: str, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src._call(f"download {key}", lambda: src.client.fget_object(src.bucket, key, str(dest)))
+    return dest
+
+
+def _key_problem(rel: str) -> str | None:
+    """Why an object key (relative to the source prefix) cannot become a path in the local copy
+    of the dataset, or None. Keys are not paths: an S3 server may hold 'a/../../x' or 'a//b',
+    which must not write outside the copy."""
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "object key has an empty, '.' or '..' part: not read (it could land outside the dataset)"
+    if any(len(p.encode("utf-8")) > 255 for p in parts):
+        return "object key has a part longer than 255 bytes, which no local file name can hold"
+    return None
+
+
 def prepare_source(value: str | None, store: Store) -> dict[str, Any] | None:
     """Describe (and, for local data, upload) a dataset source. Runs on the submitting machine."""
     if value is None:
@@ -98,14 +127,16 @@ def prepare_source(value: str | None, store: Store) -> dict[str, Any] | None:
                 "sha256": sha256_bytes(f"{value}:scikit-learn-{sklearn.__version__}".encode())}
     if value.startswith("s3://"):
         src, key = _s3_source_store(value)
+        if not key:
+            raise ConfigError(f"data source {value} names a whole bucket: give the folder of the dataset in it, "
+                              "s3://BUCKET/PREFIX/ (or an archive, s3://BUCKET/KEY.tgz)")
         if is_archive(key):
             st = src._call("stat", lambda: src.client.stat_object(src.bucket, key))
             digest = sha256_bytes(canonical_json([value, st.etag, st.size]).encode())
             return {"kind": "s3-archive", "uri": value, "sha256": digest}
-        keys = src.list(key) if key else []
-        if not keys:
+        listing = [[k, etag] for k, etag in _s3_objects(src, key)]
+        if not listing:
             raise ConfigError(f"data source {value} holds no objects: check the bucket and prefix")
-        listing = [[k, src._call("stat", lambda k=k: src.client.stat_object(src.bucket, k).etag)] for k in keys]
         return {"kind": "s3-folder", "uri": value, "sha256": sha256_bytes(canonical_json(listing).encode())}
     path = _local_path(value)
     if not path.exists():
@@ -130,19 +161,36 @@ def materialize_source(desc: dict[str, Any], store: Store, workdir: Path, max_by
     if kind == "archive":
         suffix = _suffix(desc["uri"])
         local = store.fetch({"uri": desc["uri"], "sha256": desc["sha256"], "size": 0}, workdir / f"src{suffix}")
+        name = desc.get("name") or local.name
     elif kind == "s3-archive":
         src, key = _s3_source_store(desc["uri"])
-        local = src.get_file(key, workdir / f"src{_suffix(key)}")
+        local = _s3_download(src, key, workdir / f"src{_suffix(key)}")
+        name = desc["uri"]
     elif kind == "s3-folder":
         src, key = _s3_source_store(desc["uri"])
         root = workdir / "folder"
-        for k in src.list(key):
-            rel = k[len(key):].lstrip("/")
-            src.get_file(k, root / rel)
-        return dataset_root(root), []
+        root.mkdir(parents=True, exist_ok=True)
+        left_out, wanted = [], []
+        for k, _ in _s3_objects(src, key):
+            rel = k[len(key) + 1:]
+            if not rel or rel.endswith("/"):  # a folder marker, as S3 consoles make: the folder comes with its files
+                continue
+            reason = _key_problem(rel)
+            if reason:
+                left_out.append({"file": rel, "reason": reason})
+            else:
+                wanted.append((k, rel))
+        folders = {rel.rsplit("/", 1)[0] for _, rel in wanted if "/" in rel}
+        folders |= {f.rsplit("/", i)[0] for f in list(folders) for i in range(1, f.count("/") + 1)}
+        for k, rel in wanted:
+            if rel in folders:  # S3 may hold both 'a/b' and 'a/b/c'; a disk cannot
+                left_out.append({"file": rel, "reason": "object key is also the folder of other keys: not read"})
+                continue
+            _s3_download(src, k, root / rel)
+        return dataset_root(root), left_out
     else:
         raise ConfigError(f"unknown source kind {kind!r}")
-    root = safe_extract(local, workdir / "extracted", max_bytes)
+    root = safe_extract(local, workdir / "extracted", max_bytes, name)
     local.unlink()
     skipped: list[dict] = []
     marker = workdir / "extracted" / SKIPPED_MEMBER

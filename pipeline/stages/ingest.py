@@ -6,6 +6,7 @@ from pipeline.data import (
     Dataset,
     Preprocess,
     calibration_indices,
+    calibration_note,
     check_dataset,
     counts,
     load_digits,
@@ -51,6 +52,7 @@ def ingest(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     ds = Dataset(classes, train, val, skipped)
     check_dataset(ds)
     calib = subset(train, calibration_indices(len(train.labels), cfg["calib_size"], cfg["seed"]))
+    notes = [n for n in (calibration_note(cfg["calib_size"], len(train.labels)),) if n]
     ctx.progress(0.9, "writing shards")
     shards = {}
     for name, split in (("train", train), ("val", val), ("calib", calib)):
@@ -62,5 +64,6 @@ def ingest(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "counts": {"train": counts(train, classes), "val": counts(val, classes), "calib": counts(calib, classes)},
         "sizes": {"train": len(train.labels), "val": len(val.labels), "calib": len(calib.labels)},
         "skipped": skipped,
+        "notes": notes,
         "outputs": shards,
     }

@@ -85,6 +85,7 @@ def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
             "train": data["sizes"]["train"] if data else None,
             "val": data["sizes"]["val"] if data else None,
             "skipped": data["skipped"] if data else [],
+            "notes": data.get("notes", []) if data else [],
         },
         "failures": failures,
         "cached_stages": int(ctx.extra.get("cached_stages", 0)),
