@@ -7,15 +7,23 @@ Outcomes:
 - ``skipped``: ingest leaves the file out and lists it, with its reason, in ``data.skipped``;
   the run still succeeds.
 - ``converted``: the image is decoded to RGB and ingested (counted in its class), not refused.
+- ``clamped``: a setting the data cannot meet is lowered to what the data allows; the run
+  succeeds and ``data.notes`` says what was asked, what was used and how to change it.
 - ``failed-stage``: the run ends FAILED with one failed stage naming the cause; stages that
   do not depend on it are unaffected, downstream ones are not run, and no partial output is
   left (every ``stages/{stage}/{key}/`` folder in the store holds a ``manifest.json``).
 
-Every ``skipped``/``converted`` row is one file (or folder) of a single dataset that is run
-through the whole pipeline once (``main_run``), so the table costs one run; every other row runs
-on its own. Decision for checkpoints: a state_dict whose head size differs from the dataset's
-class count is a backbone and gets a new head (not an error), so the mismatched-checkpoint rows
-use checkpoints of a *different arch*, which must fail naming the arch.
+Every ``skipped``/``converted``/``clamped`` row is one file (or folder, or setting) of a single
+dataset that is run through the whole pipeline once (``main_run``), so the table costs one run;
+the rows about S3 object keys share a second dataset, an S3 prefix, of which only the ingest stage
+runs, since nothing after it reads the source (``s3_run``); every other row runs on its own, and
+``refused`` rows never get past the spec or the submission.
+
+Decisions: a state_dict whose head size differs from the dataset's class count is a backbone and
+gets a new head (not an error), so the mismatched-checkpoint rows use checkpoints of a *different
+arch*, which must fail naming the arch. A data.calib_size over the training split is clamped, not
+refused: the default (256) must work on small datasets. A corrupt or truncated archive fails the
+ingest stage (only a worker reads it), naming the file, what is wrong and how to get a good copy.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import tarfile
 import time
 import zipfile
 import zlib
@@ -37,16 +46,20 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ConfigError, SpecError
-from pipeline.runner import run_in_process
+from pipeline.plan import build_plan
+from pipeline.runner import prepare_sources, run_in_process
 from pipeline.spec import load_spec
+from pipeline.stages import execute
 from pipeline.store import FileStore
 from tests.test_data import _tar, make_folder, noise  # the tests' one tar, ImageFolder and image builders
 from workers.client import Client
 from workers.servers import RedisServer, free_port
 
 SIZE = 16
-PIXEL_LIMIT = 1_000_000  # data.max_image_pixels of the shared dataset's spec
+PIXEL_LIMIT = 1_000_000  # data.max_image_pixels of the shared datasets' spec
+CALIB_ASKED = 1000  # data.calib_size of the shared datasets' spec: more than their training images
 GOOD_PER_CLASS = 6  # decodable images in each of the two main classes
+S3_PREFIX = "bad input 数据"  # the S3 dataset's prefix: a space and CJK, like its keys
 
 
 def tiny_spec(source: str, name: str = "bad-input", **data: Any) -> dict:
@@ -131,10 +144,12 @@ TWO_CLASSES = [(f"{c}/{i}.png", "file", encoded(noise(seed=i * 7 + len(c)), "PNG
 class Case:
     id: str
     input: str  # the bad input, in words
-    outcome: str  # refused | skipped | converted | failed-stage
-    expect: str | tuple[str, ...] = ""  # substring(s) of the reason / error message (problem and fix)
-    # skipped / converted: a path (bytes) in the shared dataset and what writes it there
+    outcome: str  # refused | skipped | converted | clamped | failed-stage
+    expect: str | tuple[str, ...] = ""  # substring(s) of the reason / error message / note (problem and fix)
+    # skipped / converted: a path (bytes) in a shared dataset (main: a folder; s3: keys under an
+    # S3 prefix) and what writes it there
     file: bytes = b""
+    dataset: str = "main"
     write: Callable[[bytes, Path], None] | None = None
     shown: str | None = None  # how data.skipped prints ``file`` (default: file as text)
     pixels: Callable[[np.ndarray], bool] | None = None  # check of the decoded 16x16 RGB image
@@ -197,6 +212,36 @@ def abs_member_tar(tmp: Path) -> Path:
     return _tar(tmp / "abs.tar", [*TWO_CLASSES, (str(tmp / "abs-evil.png"), "file", PNG)])
 
 
+def truncated_tgz(keep: float) -> Callable[[Path], Path]:
+    """A .tgz of the two classes cut to its first ``keep`` fraction: at 0.6 its first members
+    read and then the gzip stream ends; at 0.01 it ends before the first tar header."""
+    def build(tmp: Path) -> Path:
+        whole = _tar(tmp / "whole.tgz", TWO_CLASSES, "w:gz").read_bytes()
+        with tarfile.open(tmp / "whole.tgz") as tf:
+            assert len(tf.getnames()) == len(TWO_CLASSES)
+        return _write(tmp / "cut.tgz", whole[: int(len(whole) * keep)])
+    return build
+
+
+def tar_cut_between_members(tmp: Path) -> Path:
+    """A plain .tar cut where its fourth member's header starts: it reads as a tar of three."""
+    whole = _tar(tmp / "whole.tar", TWO_CLASSES)
+    with tarfile.open(whole) as tf:
+        fourth = tf.getmembers()[3]
+    return _write(tmp / "cut.tar", whole.read_bytes()[: fourth.offset])
+
+
+def corrupt_zip(tmp: Path) -> Path:
+    """A .zip whose first member's compressed bytes are overwritten: its directory is intact."""
+    path = _zip(tmp / "damaged.zip", [(n, d) for n, _, d in TWO_CLASSES])
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        first = zf.infolist()[0]
+    start = first.header_offset + 30 + len(first.filename.encode()) + 8
+    data[start:start + 64] = bytes(64)
+    return _write(path, bytes(data))
+
+
 def checkpoint_run(make: Callable[[], Any]) -> Callable[[Ctx], Any]:
     def act(ctx: Ctx) -> Any:
         ckpt = ctx.tmp / "my-checkpoint.pth"
@@ -229,12 +274,38 @@ def pickled_checkpoint() -> dict:
     return {"model": torchvision.models.resnet18().state_dict(), "meta": NotATensor()}
 
 
-def yaml_file(text: str) -> Callable[[Ctx], Any]:
+def yaml_file(text: str | Callable[[Path], str], within: float = 30.0) -> Callable[[Ctx], Any]:
+    """Run a spec file holding ``text`` (or ``text(tmp)``), which must be refused within ``within`` s."""
     def act(ctx: Ctx) -> Any:
         path = ctx.tmp / "spec.yaml"
-        path.write_text(text)
-        return ctx.run(path)
+        path.write_text(text(ctx.tmp) if callable(text) else text, encoding="utf-8")
+        t0 = time.monotonic()
+        try:
+            return ctx.run(path)
+        finally:
+            elapsed = time.monotonic() - t0
+            ctx.checks.append(lambda: _took_under(elapsed, within))
     return act
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """A valid-looking spec whose name is an alias of nine aliases of nine... : 9**9 strings."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nname: *l{levels - 1}\nseed: 0\n"
+
+
+def python_tag(tmp: Path) -> str:
+    return f"name: !!python/object/apply:os.system ['touch {tmp / 'pwned'}']\nseed: 0\n"
+
+
+def _not_run(ctx: Ctx) -> None:
+    assert not (ctx.tmp / "pwned").exists(), "the python tag was executed"
+
+
+def refused_fast_python_tag(ctx: Ctx) -> Any:
+    ctx.checks.append(lambda: _not_run(ctx))
+    return yaml_file(python_tag, within=5)(ctx)
 
 
 def submit(store: Callable[[Ctx], str], broker: Callable[[Ctx], str] | None = None) -> Callable[[Ctx], Any]:
@@ -362,6 +433,20 @@ CASES: list[Case] = [
          write=symlink_to(lambda root: root / "dog" / "000.png")),
     Case("non-utf8-class-name", "a class folder with a Latin-1 (non-UTF-8) name", "converted",
          file=b"caf\xe9-class/x.png", shown="caf\\xe9-class", write=write_image(lambda: noise(seed=8), "PNG")),
+    Case("utf8-names", "a class folder 'café' holding 'données 1.png' (UTF-8, accents and a space)", "converted",
+         file="café/données 1.png".encode(), write=write_image(lambda: noise(seed=9), "PNG")),
+    Case("cjk-class-name", "a class folder named '猫' (CJK)", "converted", file="猫/图 1.png".encode(),
+         write=write_image(lambda: noise(seed=10), "PNG")),
+    # -- clamped: a setting of the shared datasets' spec
+    Case("calib-size-over-data", f"data.calib_size: {CALIB_ASKED}, more than the training images", "clamped",
+         (f"data.calib_size={CALIB_ASKED} is more than the", "calibrated on all", "set data.calib_size to")),
+    # -- an S3 prefix as the source (s3_run): its keys hold spaces and Unicode
+    Case("s3-unicode-keys", f"an s3:// source ('{S3_PREFIX}/') whose keys hold spaces, accents and CJK",
+         "converted", file="c-s3 猫 café/données 1.png".encode(), dataset="s3",
+         write=write_image(lambda: noise(seed=12), "PNG"), marks=INTEGRATION),
+    Case("s3-key-file-and-folder", "an S3 key that is also the folder of another key (x.png and x.png/y.png)",
+         "skipped", "object key is also the folder of other keys", file=b"c-s3-clash/x.png", dataset="s3",
+         write=write_image(lambda: noise(seed=13), "PNG"), marks=INTEGRATION),
     # -- failed-stage: the dataset or the checkpoint is only looked at by a worker
     Case("single-class", "a dataset with one class folder", "failed-stage",
          ("at least 2 are needed", "add one sub-folder of images per class"),
@@ -387,6 +472,28 @@ CASES: list[Case] = [
                                 "w:gz"), max_archive_bytes=1_000_000)),
     Case("not-an-archive", "a text file named .tar", "failed-stage", "not a readable tar or zip", stage="ingest",
          act=dataset_run(lambda t: _write(t / "fake.tar", b"definitely not a tar\n" * 50))),
+    Case("tgz-not-gzip", "a text file named .tgz", "failed-stage",
+         ("fake.tgz is not a readable tar or zip archive (no tar header and no gzip", "tar -czf data.tgz FOLDER"),
+         stage="ingest", act=dataset_run(lambda t: _write(t / "fake.tgz", b"definitely not gzip\n" * 50))),
+    Case("tgz-truncated", "a .tgz cut at 60% (a partial download)", "failed-stage",
+         ("archive cut.tgz is truncated or corrupt", "copy or download it again"), stage="ingest",
+         act=dataset_run(truncated_tgz(0.6))),
+    Case("tgz-truncated-header", "a .tgz cut before its first tar header", "failed-stage",
+         ("archive cut.tgz is truncated or corrupt", "copy or download it again"), stage="ingest",
+         act=dataset_run(truncated_tgz(0.01))),
+    Case("tar-truncated-between-members", "a plain .tar cut where a member's header starts", "failed-stage",
+         ("archive cut.tar is truncated or corrupt (it stops after 3 member(s), with no end-of-archive marker)",
+          "copy or download it again"), stage="ingest", act=dataset_run(tar_cut_between_members)),
+    Case("zip-corrupt", "a .zip with a damaged member", "failed-stage",
+         ("archive damaged.zip is corrupt", "re-create or re-download it"), stage="ingest",
+         act=dataset_run(corrupt_zip)),
+    Case("tar-symlink-relative", "a .tar holding a symlink ../../../etc/passwd", "failed-stage",
+         ("holds a link 'a/l.png' -> '../../../etc/passwd'", "store real files instead"), stage="ingest",
+         act=dataset_run(lambda t: _tar(t / "rel.tar", [*TWO_CLASSES, ("a/l.png", "symlink", "../../../etc/passwd")]))),
+    Case("zip-symlink", "a .zip holding a symlink to /etc/passwd", "failed-stage",
+         ("holds a symlink 'a/l.png'", "store real files instead"), stage="ingest",
+         act=dataset_run(lambda t: _zip(t / "link.zip", [(n, d) for n, _, d in TWO_CLASSES],
+                                        symlink=("a/l.png", "/etc/passwd")))),
     Case("checkpoint-other-arch", "a mobilenet_v2 state_dict for model.arch resnet18", "failed-stage",
          ("does not fit resnet18", "check model.arch matches the checkpoint"), stage="finetune",
          act=checkpoint_run(state_dict_of("mobilenet_v2"))),
@@ -438,6 +545,41 @@ CASES: list[Case] = [
          act=spec_with(**{"quantize.variants": []}), error=SpecError),
     Case("bad-yaml", "a spec file that is not valid YAML", "refused", "not valid YAML",
          act=yaml_file("name: [unclosed\nseed: 0\n"), error=SpecError),
+    Case("yaml-alias-bomb", "a spec file of nested aliases expanding to 9**9 values (billion laughs)", "refused",
+         ("expands to over 100000 values through its aliases", "write the values out"),
+         act=yaml_file(billion_laughs(), within=2), error=SpecError),
+    Case("yaml-alias-loop", "a spec file whose alias holds itself", "refused",
+         ("the alias *a refers to a node that holds it", "write the values out"),
+         act=yaml_file("name: &a [x, *a]\n", within=2), error=SpecError),
+    Case("yaml-deep-nesting", "a spec file nested 100000 lists deep", "refused",
+         ("nested more than 32 levels deep", "not a spec"), act=yaml_file("name: " + "[" * 100_000, within=2),
+         error=SpecError),
+    Case("yaml-python-tag", "a spec file with !!python/object/apply:os.system", "refused",
+         ("the tag !!python/object/apply:os.system is not allowed", "remove the tag"),
+         act=refused_fast_python_tag, error=SpecError),
+    Case("yaml-unknown-tag", "a spec file with a custom tag (!secret x)", "refused",
+         ("the tag !secret is not allowed", "remove the tag"), act=yaml_file("name: !secret x\n"), error=SpecError),
+    Case("huge-spec-file", "a 2 MB spec file", "refused", ("over the limit of 1048576", "check that this is the spec"),
+         act=yaml_file("name: x\n" + "# padding\n" * 200_000), error=SpecError),
+    # -- refused: absurd values, each naming the field, the value and the allowed range
+    Case("epochs-billion", "finetune.epochs: 10**9", "refused",
+         ("finetune.epochs", "(got 1000000000)", "allowed range: 1 <= finetune.epochs <= 1000"),
+         act=spec_with(**{"finetune.epochs": 10**9}), error=SpecError),
+    Case("image-size-huge", "data.image_size: 100000", "refused",
+         ("data.image_size", "(got 100000)", "allowed range: 16 <= data.image_size <= 1024"),
+         act=spec_with(**{"data.image_size": 100_000}), error=SpecError),
+    Case("calib-size-huge", "data.calib_size: 10**9", "refused",
+         ("data.calib_size", "(got 1000000000)", "allowed range: 1 <= data.calib_size <= 100000"),
+         act=spec_with(**{"data.calib_size": 10**9}), error=SpecError),
+    Case("lr-nan", "finetune.lr: .nan", "refused", ("finetune.lr", "(got nan)", "0.0 < finetune.lr <= 10.0"),
+         act=yaml_file("name: x\nfinetune: {lr: .nan}\nquantize: {variants: [{name: d, method: dynamic}]}\n"),
+         error=SpecError),
+    Case("weight-decay-huge", "finetune.weight_decay: 50", "refused",
+         ("finetune.weight_decay", "(got 50)", "0.0 <= finetune.weight_decay <= 1.0"),
+         act=spec_with(**{"finetune.weight_decay": 50}), error=SpecError),
+    Case("too-many-batch-sizes", "benchmark.batch_sizes: 1..100", "refused",
+         ("benchmark.batch_sizes", "at most 16 items"), act=spec_with(**{"benchmark.batch_sizes": list(range(1, 101))}),
+         error=SpecError),
     # -- refused: the store and the broker (through Client.submit)
     Case("missing-bucket", "an s3:// store whose bucket does not exist", "refused",
          ("bucket 'no-such-bucket' does not exist", "create it"), act=submit(s3_store("no-such-bucket")),
@@ -455,13 +597,18 @@ CASES: list[Case] = [
          ("is not a Redis/Valkey URL", "use redis://HOST:PORT/DB"),
          act=submit(file_store, broker=lambda ctx: "amqp://guest:guestpw@127.0.0.1:5672//"), marks=INTEGRATION),
 ]
+OUTCOMES = ("refused", "skipped", "converted", "clamped", "failed-stage")
 SECRETS = ("WRONGSECRET", "hunter2secretpw", "WRONGBROKERPW", "guestpw")
 
 
-def _zip(path: Path, members: list[tuple[str, bytes]]) -> Path:
+def _zip(path: Path, members: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in members:
             zf.writestr(name, data)
+        if symlink:  # (name, target): a member whose mode says symlink, as `zip --symlinks` stores one
+            info = zipfile.ZipInfo(symlink[0])
+            info.external_attr = 0o120777 << 16
+            zf.writestr(info, symlink[1])
     return path
 
 
@@ -478,35 +625,72 @@ def pw_broker(tmp_path_factory: pytest.TempPathFactory):
         yield server
 
 
-@pytest.fixture(scope="module")
-def main_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One dataset holding every skipped/converted row's file, run through the whole pipeline once."""
-    tmp = tmp_path_factory.mktemp("main")
-    root = make_folder(tmp / "ds", {"cat": GOOD_PER_CLASS, "dog": GOOD_PER_CLASS})
-    noise(seed=99).save(tmp / "outside.png")
-    (tmp / "elsewhere").mkdir()
-    noise(seed=98).save(tmp / "elsewhere" / "x.png")
-    for case in CASES:
-        if case.outcome not in ("skipped", "converted"):
-            continue
+def shared_rows(dataset: str) -> list[Case]:
+    return [c for c in CASES if c.dataset == dataset and c.outcome in ("skipped", "converted")]
+
+
+def write_rows(root: Path, rows: list[Case]) -> None:
+    for case in rows:
         path = os.fsencode(root) + b"/" + case.file
         if case.write is None:  # a folder and nothing in it
             os.makedirs(path)
             continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
         case.write(path, root)
+
+
+def run_shared(tmp: Path, source: str, whole: bool = True) -> dict:
+    """Run the shared datasets' spec on ``source`` (the whole pipeline, or its ingest stage
+    only); return the summary (None for ingest only), the ingest manifest and the training
+    images as stored."""
     store = FileStore(tmp / "store")
-    summary = run_in_process(tiny_spec(str(root), max_image_pixels=PIXEL_LIMIT), store)
-    [ingest_key] = [k.split("/")[2] for k in store.list("stages/ingest") if k.endswith("/manifest.json")]
-    manifest = store.get_json(f"stages/ingest/{ingest_key}/manifest.json")
+    spec = load_spec(tiny_spec(source, max_image_pixels=PIXEL_LIMIT, calib_size=CALIB_ASKED))
+    summary = report = None
+    if whole:
+        summary = run_in_process(spec, store)
+        report = store.get_bytes(store.key_of(summary["report"])).decode("utf-8")
+        [ingest_key] = [k.split("/")[2] for k in store.list("stages/ingest") if k.endswith("/manifest.json")]
+        manifest = store.get_json(f"stages/ingest/{ingest_key}/manifest.json")
+    else:
+        [node] = [n for n in build_plan(spec, prepare_sources(spec, store)) if n["stage"] == "ingest"]
+        manifest = execute(node, store, run_id="bad-input-s3").manifest
     xs, ys = [], []
     for i, ref in enumerate(manifest["outputs"]["train"]):
         shard = torch.load(store.fetch(ref, tmp / f"train-{i}.pt"), weights_only=True)
         xs.append(shard["images"])
         ys.append(shard["labels"])
     x, y = torch.cat(xs), torch.cat(ys)
-    report = store.get_bytes(store.key_of(summary["report"])).decode("utf-8")
     return {"summary": summary, "manifest": manifest, "store": store, "x": x, "y": y, "report": report}
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One folder holding every skipped/converted row's file, run through the whole pipeline once."""
+    tmp = tmp_path_factory.mktemp("main")
+    root = make_folder(tmp / "ds", {"cat": GOOD_PER_CLASS, "dog": GOOD_PER_CLASS})
+    noise(seed=99).save(tmp / "outside.png")
+    (tmp / "elsewhere").mkdir()
+    noise(seed=98).save(tmp / "elsewhere" / "x.png")
+    write_rows(root, shared_rows("main"))
+    return run_shared(tmp, str(root))
+
+
+@pytest.fixture(scope="module")
+def s3_run(tmp_path_factory: pytest.TempPathFactory, s3_server: Any, s3_env: dict) -> dict:
+    """The S3 rows' objects under one prefix, next to two classes of good images whose keys hold
+    spaces, ingested once from data.source s3://qpipe/PREFIX/. Only the ingest stage reads the
+    source, so only it runs: what comes after it is main_run's."""
+    tmp = tmp_path_factory.mktemp("s3")
+    root = make_folder(tmp / "ds", {"cat": GOOD_PER_CLASS, "dog": GOOD_PER_CLASS})
+    write_rows(root, shared_rows("s3"))
+    client = s3_server.client()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        key = f"{S3_PREFIX}/{rel.replace('/0', '/image 0')}"  # cat/000.png -> cat/image 000.png
+        client.fput_object("qpipe", key, str(path))
+    # x.png is an object and the folder of another one, as S3 allows and a disk does not
+    client.put_object("qpipe", f"{S3_PREFIX}/c-s3-clash/x.png/y.png", io.BytesIO(PNG), len(PNG))
+    return run_shared(tmp, f"s3://qpipe/{S3_PREFIX}/", whole=False)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -518,30 +702,46 @@ def stage_folders_complete(store: FileStore) -> None:
     assert incomplete == [], f"partial outputs left behind: {incomplete}"
 
 
-def check_in_main_run(case: Case, run: dict) -> None:
-    summary, manifest = run["summary"], run["manifest"]
-    assert summary["status"] == "SUCCESS" and summary["failures"] == [], "bad files must never stop the ingest"
-    stage_folders_complete(run["store"])
-    skipped = {s["file"]: s["reason"] for s in summary["data"]["skipped"]}
-    assert skipped == {s["file"]: s["reason"] for s in manifest["skipped"]}
+def check_ingested(case: Case, run: dict) -> None:
+    """What the ingest stage of a shared run must have made of the row's file or setting."""
+    manifest = run["manifest"]
     for c in ("cat", "dog"):  # nothing skipped was counted
         assert manifest["counts"]["train"][c] + manifest["counts"]["val"][c] == GOOD_PER_CLASS
+    if case.outcome == "clamped":
+        sizes = manifest["sizes"]
+        assert sizes["calib"] == sizes["train"] < CALIB_ASKED, sizes  # every training image, once
+        assert manifest["counts"]["calib"] == manifest["counts"]["train"]
+        [note] = manifest["notes"]
+        assert f"the {sizes['train']} training images" in note and all(e in note for e in case.expected), note
+        return
+    skipped = {s["file"]: s["reason"] for s in manifest["skipped"]}
     shown = case.shown or case.file.decode()
     if case.outcome == "skipped":
         assert shown in skipped, f"{shown} not in data.skipped: {sorted(skipped)}"
         assert all(e in skipped[shown] for e in case.expected), skipped[shown]
-        assert f"- `{shown}`: {skipped[shown]}" in run["report"]  # and report.md lists it
         return
     cls = shown.split("/")[0]
     assert not any(f.startswith(cls + "/") for f in skipped), skipped
     assert cls in manifest["classes"], manifest["classes"]
-    cls.encode("utf-8")
-    assert summary["data"]["class_names"] == manifest["classes"]
     assert manifest["counts"]["train"][cls] == 1 and manifest["counts"]["val"][cls] == 0
     image = run["x"][run["y"] == manifest["classes"].index(cls)]
     assert image.shape == (1, 3, SIZE, SIZE) and image.dtype == torch.uint8
     if case.pixels is not None:
         assert case.pixels(image[0].permute(1, 2, 0).numpy()), image[0].permute(1, 2, 0).numpy()[::4, ::4]
+
+
+def check_whole_run(case: Case, run: dict) -> None:
+    """What the run summary and report.md of main_run must say about the row."""
+    summary, manifest = run["summary"], run["manifest"]
+    assert summary["status"] == "SUCCESS" and summary["failures"] == [], "bad files must never stop the ingest"
+    stage_folders_complete(run["store"])
+    skipped = {s["file"]: s["reason"] for s in summary["data"]["skipped"]}
+    assert skipped == {s["file"]: s["reason"] for s in manifest["skipped"]}
+    assert summary["data"]["class_names"] == manifest["classes"]
+    assert summary["data"]["notes"] == manifest["notes"]
+    shown = case.shown or case.file.decode()
+    if case.outcome == "skipped":
+        assert f"- `{shown}`: {skipped[shown]}" in run["report"]  # and report.md lists it
 
 
 def check_failed_stage(case: Case, ctx: Ctx, summary: dict) -> None:
@@ -564,9 +764,12 @@ def check_failed_stage(case: Case, ctx: Ctx, summary: dict) -> None:
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
 def test_bad_input(case: Case, request: pytest.FixtureRequest, tmp_path: Path,
                    monkeypatch: pytest.MonkeyPatch) -> None:
-    assert case.outcome in ("refused", "skipped", "converted", "failed-stage")
-    if case.outcome in ("skipped", "converted"):
-        check_in_main_run(case, request.getfixturevalue("main_run"))
+    assert case.outcome in OUTCOMES
+    if case.outcome in ("skipped", "converted", "clamped"):
+        run = request.getfixturevalue(f"{case.dataset}_run")
+        check_ingested(case, run)
+        if case.dataset == "main":
+            check_whole_run(case, run)
         return
     assert case.act is not None
     ctx = Ctx(tmp_path, request, monkeypatch, FileStore(tmp_path / "store"))
@@ -589,6 +792,8 @@ def test_bad_input(case: Case, request: pytest.FixtureRequest, tmp_path: Path,
 def test_table_is_big_and_covers_every_outcome() -> None:
     outcomes = [c.outcome for c in CASES]
     assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
-    assert set(outcomes) == {"refused", "skipped", "converted", "failed-stage"}
+    assert set(outcomes) == set(OUTCOMES)
     assert all(c.input and (c.expect or c.outcome == "converted") for c in CASES)
+    assert all(c.dataset == "main" or (c.outcome in ("skipped", "converted") and INTEGRATION[0] in c.marks)
+               for c in CASES)
     load_spec(tiny_spec("builtin:digits"))  # the base spec itself is valid
