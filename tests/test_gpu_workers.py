@@ -445,7 +445,7 @@ def test_each_stage_runs_on_its_pool_process_gpu(gpu_fleet: dict) -> None:
     handle = Client(gpu_fleet["broker"], gpu_fleet["store"]).submit(json.loads(json.dumps(SPEC)))
     summary = handle.wait(timeout=600)
     gpu_log = gpu_fleet["workers"][1].log_path
-    assert summary["status"] == "SUCCESS", gpu_log.read_text()[-3000:]
+    assert summary["status"] == "SUCCESS", (summary.get("failures"), gpu_log.read_text()[-3000:])
     store = open_store(gpu_fleet["store"])
     lines = pool_lines(gpu_log)
     assert {dev for _, _, dev in lines} == {"3", "5"} and all(dev == {0: "3", 1: "5"}[i] for i, _, dev in lines)
