@@ -223,7 +223,10 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
 
     def waiting() -> None:
         with contextlib.suppress(*BROKER_ERRORS):
-            state.update_stage(node_id, state="pending", detail="waiting: the same stage is running elsewhere")
+            # a duplicate delivery of this very node shares its row with the holder: the row keeps
+            # saying "running"; a node of another run that shares the key shows why it waits
+            if (state.stage(node_id) or {}).get("state") != "running":
+                state.update_stage(node_id, state="pending", detail="waiting: the same stage is running elsewhere")
 
     attempt = metrics.StageAttempt(stage, cacheable=stage != "report")  # no-op unless metrics are on
     try:
