@@ -19,7 +19,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --tb=native -rfs
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --tb=native -rfs --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench

@@ -71,7 +71,9 @@ class Fleet:
 
     def stage(self, handle, node_id: str) -> dict:
         """A stage's state as the workers wrote it (with the pid of the process running it)."""
-        return RunState(connect(self.broker.url), handle.run_id).stage(node_id) or {}
+        if getattr(self, "_redis", None) is None:  # one connection for the many polls of a test
+            self._redis = connect(self.broker.url)
+        return RunState(self._redis, handle.run_id).stage(node_id) or {}
 
 
 @pytest.fixture
@@ -118,6 +120,21 @@ def assert_no_orphans(s3_server, store: str) -> None:
     folders = {"/".join(n.split("/")[:4]) for n in names}
     missing = [f for f in folders if f"{f}/manifest.json" not in names]
     assert not missing, f"stage folders without a manifest: {missing}"
+
+
+def stored_data_readable(server, store: str) -> bool:
+    """Whether the S3 server reads back an object the run stored (the first under its stages/)."""
+    from minio.error import S3Error
+    from urllib3.exceptions import HTTPError
+
+    prefix = store[len("s3://qpipe/"):] + "/stages/"
+    try:
+        client = server.client()
+        name = next(o.object_name for o in client.list_objects("qpipe", prefix=prefix, recursive=True))
+        client.get_object("qpipe", name).read()
+        return True
+    except (S3Error, HTTPError, OSError, StopIteration):
+        return False
 
 
 def checkpoint_written(s3_server, store: str, stage: str = "finetune") -> bool:
@@ -208,8 +225,20 @@ def test_duplicate_delivery_computes_once(tmp_path, s3_env, s3_server):
         plan = {n["id"]: n for n in build_plan(spec, prepare_sources(spec, open_store(fleet.store)))}
         node = plan["calibrate:histogram"]
         assert node["key"] == stage_state(handle, node["id"])["key"]
-        first = wait_for(lambda: (st := fleet.stage(handle, node["id"])).get("state") == "running" and st,
-                         timeout=300, every=0.02)
+        def stages_now() -> list:
+            return [(s["id"], s["state"], s["error"]) for s in handle.status()["stages"]]
+
+        def calibrating() -> dict | None:
+            st = fleet.stage(handle, node["id"])
+            if st.get("state") in ("done", "cached", "failed"):  # missed, or broken: say which at once
+                raise AssertionError(f"calibration {st.get('state')} before it could be paused: {st}; "
+                                     f"stages: {stages_now()}")
+            return st if st.get("state") == "running" else None
+
+        try:
+            first = wait_for(calibrating, timeout=300, every=0.02)
+        except TimeoutError as err:
+            raise AssertionError(f"calibration never ran: {stages_now()}; logs: {fleet.logs()[-3000:]}") from err
         os.kill(first["pid"], signal.SIGSTOP)  # holds the lock, mid-computation
         try:
             assert fleet.stage(handle, node["id"])["state"] == "running", "calibrated before it could be paused"
@@ -308,9 +337,13 @@ def test_long_s3_outage_fails_clearly_and_resubmission_reuses_finished_stages(tm
         causes = " ".join(s["error"] or "" for s in handle.status()["stages"])
         assert f"object store {own_s3.endpoint} unreachable" in causes, causes
         own_s3.restart()
+        # the S3 API answers before its volume serves reads again; this test allows the workers
+        # one retry only, so the resubmission waits until stored data can be read back
+        wait_for(lambda: stored_data_readable(own_s3, fleet.store), timeout=60, every=0.5)
         again = fleet.client().submit(copy.deepcopy(SPEC))
         summary = again.wait(timeout=600)
-        assert summary["status"] == "SUCCESS", fleet.logs()[-3000:]
+        assert summary["status"] == "SUCCESS", (
+            [(s["id"], s["state"], s["error"]) for s in again.status()["stages"]], fleet.logs()[-3000:])
         states = {s["id"]: s["state"] for s in again.status()["stages"]}
         assert states["ingest"] == "cached" and states["finetune"] == "cached", states
         assert_no_orphans(own_s3, fleet.store)
