@@ -10,6 +10,9 @@ finetune, fp32 benchmark, calibrations, and every variant of every set. Node ids
 names then carry the arch (``quantize:ptq-minmax@resnet18``, variant ``ptq-minmax@resnet18``);
 configs do not, beyond what they already held, so a node's key is the one the same arch and
 variant get without a sweep.
+
+Each node's config is its stage's typed config (``pipeline.stages.configs``) as JSON. Planning
+reads only the stage table, never a stage's module, so it needs no torch.
 """
 
 from __future__ import annotations
@@ -18,15 +21,29 @@ from typing import Any
 
 from pipeline.hashing import stage_key
 from pipeline.spec import PipelineSpec, VariantSpec
-from pipeline.stages import load_all
+from pipeline.stages.configs import (
+    BenchmarkConfig,
+    CalibrateConfig,
+    FinetuneConfig,
+    IngestConfig,
+    QatConfig,
+    QuantizeConfig,
+    ReportConfig,
+    SensitivityConfig,
+    StageConfig,
+)
+from pipeline.stages.table import JOIN, STAGES
 
 # config fields that do not change a stage's result and so stay out of its key
 UNKEYED = {"device"}
 
 
-def _node(stage: str, node_id: str, config: dict, inputs: dict[str, dict], *, variant: str | None = None,
+def _node(stage: str, node_id: str, cfg: StageConfig, inputs: dict[str, dict], *, variant: str | None = None,
           digests: dict[str, str] | None = None) -> dict[str, Any]:
-    sdef = load_all()[stage]
+    sdef = STAGES[stage]
+    if not isinstance(cfg, sdef.config):
+        raise TypeError(f"stage {stage!r} takes a {sdef.config.__name__}, not a {type(cfg).__name__}")
+    config = cfg.to_json()
     keyed = {k: v for k, v in config.items() if k not in UNKEYED}
     key_inputs = {name: dep["key"] for name, dep in inputs.items()} | (digests or {})
     return {
@@ -53,23 +70,11 @@ def calibration_id(v: VariantSpec) -> str:
     return f"calibrate:{CALIBRATION_STATISTIC[v.observer]}"
 
 
-def quantize_config(v: VariantSpec, backend: str, arch: str) -> dict[str, Any]:
-    """The quantize stage's config: everything that changes the int8 model. Options at their
-    default (no percentile, no bias correction) stay out, so existing keys do not move."""
-    cfg: dict[str, Any] = {"variant": v.name, "method": v.method, "observer": v.observer,
-                           "per_channel": v.per_channel, "backend": backend, "arch": arch}
-    if v.percentile is not None:
-        cfg["percentile"] = v.percentile
-    if v.bias_correction:
-        cfg["bias_correction"] = True
-    return cfg
-
-
-def sensitivity_config(v: VariantSpec, backend: str, arch: str, part: int, parts: int) -> dict[str, Any]:
+def sensitivity_config(v: VariantSpec, backend: str, arch: str, part: int, parts: int) -> SensitivityConfig:
     """A sensitivity part's config: what decides the int8 model (not the variant's name, so
     variants that convert alike share the parts), and which part of how many."""
-    cfg = {k: val for k, val in quantize_config(v, backend, arch).items() if k not in ("variant", "bias_correction")}
-    return cfg | {"part": part, "parts": parts}
+    return SensitivityConfig(method=v.method, observer=v.observer, per_channel=v.per_channel, backend=backend,
+                             arch=arch, percentile=v.percentile, part=part, parts=parts)
 
 
 def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, Any]]:
@@ -78,11 +83,11 @@ def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, An
     d, b = spec.data, spec.benchmark
     src, val = sources["source"], sources.get("val_source")
     digests = {"source": src["sha256"]} | ({"val_source": val["sha256"]} if val else {})
-    ingest = _node("ingest", "ingest", {
-        "source": src, "val_source": val, "val_fraction": d.val_fraction, "image_size": d.image_size,
-        "calib_size": d.calib_size, "seed": spec.seed, "max_image_pixels": d.max_image_pixels,
-        "max_archive_bytes": d.max_archive_bytes,
-    }, {}, digests=digests)
+    ingest = _node("ingest", "ingest", IngestConfig(
+        source=src, val_source=val, val_fraction=d.val_fraction, image_size=d.image_size,
+        calib_size=d.calib_size, seed=spec.seed, max_image_pixels=d.max_image_pixels,
+        max_archive_bytes=d.max_archive_bytes,
+    ), {}, digests=digests)
     nodes = [ingest]
     report_variants: list[dict[str, Any]] = []
     report_inputs: dict[str, dict] = {"data": ingest}
@@ -94,10 +99,9 @@ def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, An
             entry = {"name": bench["variant"], "method": bench["config"]["method"]}
             report_variants.append(entry | ({"arch": arch, "set": set_name} if sweep else {}))
             report_inputs[f"bench_{bench['variant']}"] = bench
-    nodes.append(_node("report", "report", {
-        "name": spec.name, "accuracy_budget": b.accuracy_budget, "batch_sizes": b.batch_sizes,
-        "variants": report_variants,
-    }, report_inputs))
+    nodes.append(_node(JOIN, JOIN, ReportConfig(
+        name=spec.name, accuracy_budget=b.accuracy_budget, batch_sizes=b.batch_sizes, variants=report_variants,
+    ), report_inputs))
     return nodes
 
 
@@ -109,19 +113,16 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
     f, q, b = spec.finetune, spec.quantize, spec.benchmark
     at = f"@{arch}" if sweep else ""
     weights = sources.get("weights")
-    finetune = _node("finetune", f"finetune{at}", {
-        "arch": arch, "weights": weights, "epochs": f.epochs, "batch_size": f.batch_size, "lr": f.lr,
-        "momentum": f.momentum, "weight_decay": f.weight_decay, "freeze_backbone": f.freeze_backbone,
-        "seed": spec.seed, "device": f.device,
-        # mixed precision changes the weights, so it is keyed; fp32 stays out, so keys made before
-        # the option existed still match
-        **({"precision": f.precision} if f.precision != "fp32" else {}),
-    }, {"data": ingest}, digests={"weights": weights["sha256"]} if weights else None)
+    finetune = _node("finetune", f"finetune{at}", FinetuneConfig(
+        arch=arch, weights=weights, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr, momentum=f.momentum,
+        weight_decay=f.weight_decay, freeze_backbone=f.freeze_backbone, seed=spec.seed, device=f.device,
+        precision=f.precision,
+    ), {"data": ingest}, digests={"weights": weights["sha256"]} if weights else None)
     nodes = [finetune]
     bench_cfg = {"batch_sizes": b.batch_sizes, "threads": b.threads, "warmup": b.warmup,
-                 "iterations": b.iterations, "backend": q.backend}
+                 "iterations": b.iterations, "backend": q.backend}  # BenchmarkConfig's shared fields
     onnx = [r for r in b.runtimes if r != "torchscript"]  # the runtimes that run a static variant's ONNX export
-    benches = [(_node("benchmark", f"benchmark:fp32{at}", {"variant": "fp32", "method": "fp32", **bench_cfg},
+    benches = [(_node("benchmark", f"benchmark:fp32{at}", BenchmarkConfig(variant="fp32", method="fp32", **bench_cfg),
                       {"data": ingest, "model": finetune}, variant=f"fp32{at}"), None)]
     sets = spec.variant_sets()
     variants = [(v, set_name) for set_name, vs in sets.items() for v in vs]
@@ -130,22 +131,20 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
         if v.method == "static":
             cid = calibration_id(v)
             if cid not in calibrations:
-                calibrations[cid] = _node("calibrate", f"{cid}{at}", {
-                    "observer": CALIBRATION_STATISTIC[v.observer], "backend": q.backend, "arch": arch,
-                    "seed": spec.seed,
-                }, {"data": ingest, "model": finetune}, variant=None)
+                calibrations[cid] = _node("calibrate", f"{cid}{at}", CalibrateConfig(
+                    observer=CALIBRATION_STATISTIC[v.observer], backend=q.backend, arch=arch, seed=spec.seed,
+                ), {"data": ingest, "model": finetune}, variant=None)
                 nodes.append(calibrations[cid])
     for v, set_name in variants:
         name = f"{v.name}{at}"
         if v.method == "qat":
-            producer = _node("qat", f"qat:{name}", {
-                "variant": v.name, "arch": arch, "backend": q.backend, "epochs": v.epochs, "lr": v.lr,
-                "batch_size": v.batch_size or f.batch_size, "momentum": f.momentum, "seed": spec.seed,
-                "device": f.device,
-            }, {"data": ingest, "model": finetune}, variant=name)
+            producer = _node("qat", f"qat:{name}", QatConfig(
+                variant=v.name, arch=arch, backend=q.backend, epochs=v.epochs, lr=v.lr,
+                batch_size=v.batch_size or f.batch_size, momentum=f.momentum, seed=spec.seed, device=f.device,
+            ), {"data": ingest, "model": finetune}, variant=name)
         else:
             inputs = {"data": ingest, "model": finetune}
-            config = quantize_config(v, q.backend, arch)
+            config: dict[str, Any] = {}
             if v.method == "static":
                 inputs["calibration"] = calibrations[calibration_id(v)]
             if v.sensitivity:
@@ -157,13 +156,14 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
                 config["sensitivity"] = q.sensitivity_parts
             if v.fallback == "auto":
                 config |= {"fallback": "auto", "accuracy_budget": b.accuracy_budget}
-            if v.method == "static" and onnx:
-                config["export_onnx"] = True
-            producer = _node("quantize", f"quantize:{name}", config, inputs, variant=name)
+            producer = _node("quantize", f"quantize:{name}", QuantizeConfig(
+                variant=v.name, method=v.method, observer=v.observer, per_channel=v.per_channel, backend=q.backend,
+                arch=arch, percentile=v.percentile, bias_correction=v.bias_correction,
+                export_onnx=v.method == "static" and bool(onnx), **config), inputs, variant=name)
         nodes.append(producer)
-        runtimes = {"runtimes": onnx} if v.method == "static" and onnx else {}
+        runtimes = onnx if v.method == "static" else []
         benches.append((_node("benchmark", f"benchmark:{name}",
-                              {"variant": v.name, "method": v.method, **bench_cfg, **runtimes},
+                              BenchmarkConfig(variant=v.name, method=v.method, **bench_cfg, runtimes=runtimes),
                               {"data": ingest, "model": producer}, variant=name), set_name))
     nodes.extend(bench for bench, _ in benches)
     return nodes, benches

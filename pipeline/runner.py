@@ -13,7 +13,7 @@ from pipeline.hashing import canonical_json, sha256_bytes
 from pipeline.plan import build_plan
 from pipeline.sources import prepare_source
 from pipeline.spec import PipelineSpec, load_spec
-from pipeline.stages import execute
+from pipeline.stages import execute, is_join
 from pipeline.store import Store
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,11 @@ def run_in_process(spec: PipelineSpec | dict | str, store: Store, *, run_id: str
     cached = 0
     for node in plan:
         upstream = [d["id"] for d in node["inputs"].values() if d["id"] in failed]
-        if upstream and node["stage"] != "report":
+        if upstream and not is_join(node["stage"]):
             failed[node["id"]] = f"upstream {upstream[0]} failed"
             continue
         try:
-            if node["stage"] == "report":
+            if is_join(node["stage"]):
                 extra["failures"] = failures
                 extra["cached_stages"] = cached
             result = execute(node, store, run_id=run_id, extra=extra)
@@ -87,5 +87,5 @@ def run_in_process(spec: PipelineSpec | dict | str, store: Store, *, run_id: str
             log.error("%s failed: %s", node["id"], err)
             if on_event:
                 on_event(node["id"], "failed")
-    assert result is not None and result.manifest["stage"] == "report"
+    assert result is not None and is_join(result.manifest["stage"])
     return result.manifest["summary"]

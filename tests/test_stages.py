@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import yaml
 
 import pipeline.stages as stages
 from pipeline.errors import StageError
+from pipeline.hashing import canonical_json, sha256_bytes
 from pipeline.models import build_model
 from pipeline.plan import UNKEYED, build_plan, children
 from pipeline.quant import (
@@ -32,70 +34,187 @@ from pipeline.quant import (
 )
 from pipeline.report import choose_runtimes, per_batch, select
 from pipeline.runner import prepare_sources
-from pipeline.spec import load_spec
+from pipeline.spec import load_spec, parse_spec
+from pipeline.stages.configs import StageConfig
+from pipeline.stages.table import declare
 from pipeline.store import FileStore
-from tests.conftest import plan_of
-from workers.app import QUEUES, STAGE_QUEUES
+from tests.conftest import SMALL_SPEC, plan_of
+from workers import metrics
+from workers.app import QUEUES, STAGE_QUEUES, app
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "digits.yaml"
 EXAMPLE_DICT = yaml.safe_load(EXAMPLE.read_text())
-STAGES = stages.load_all()
+STAGES = stages.STAGES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ------------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- stage table
 
-def test_registry_matches_worker_routing() -> None:
-    assert set(STAGES) == set(STAGE_QUEUES)
-    assert set(stages.STAGE_MODULES) == set(STAGES)
-    assert {name: s.queue for name, s in STAGES.items()} == STAGE_QUEUES
+def test_table_drives_worker_routing() -> None:
+    assert STAGE_QUEUES == {name: d.queue for name, d in STAGES.items()}
+    assert app.conf.task_routes == {f"qpipe.{name}": {"queue": d.queue} for name, d in STAGES.items()}
 
 
-@pytest.mark.parametrize("name", sorted(STAGE_QUEUES))
+@pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_contract(name: str) -> None:
     sdef = stages.stage_def(name)
     assert sdef.name == name
-    assert sdef.queue == STAGE_QUEUES[name] and sdef.queue in QUEUES
+    assert sdef.queue in QUEUES
     assert isinstance(sdef.version, int) and sdef.version >= 1
-    assert callable(sdef.fn) and sdef.fn.__module__ == f"pipeline.stages.{name}"
-    # only the report runs every time and with whatever inputs exist
-    assert sdef.cached is (name != "report")
-    assert sdef.partial_inputs is (name == "report")
+    assert isinstance(sdef.config, type) and issubclass(sdef.config, StageConfig)
+    assert callable(sdef.fn) and sdef.fn.__module__ == f"pipeline.stages.{name}"  # imported on first use
+    # only the join (the report) runs every time and with whatever inputs exist
+    assert sdef.role in ("step", "join")
+    assert sdef.cached is (sdef.role == "step")
+    assert sdef.partial_inputs is (sdef.role == "join")
+    assert (sdef.role == "join") is (name == "report") and stages.is_join(name) is (name == "report")
 
 
-@pytest.mark.parametrize("name", sorted(STAGE_QUEUES))
-def test_duplicate_registration_raises(name: str) -> None:
-    before = dict(stages.REGISTRY)
-    with pytest.raises(ValueError, match="registered twice"):
-        stages.register(name, version=99, queue="cpu")(lambda ctx, cfg, inputs: {})
-    assert stages.REGISTRY == before
-    assert stages.stage_def(name).version != 99
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_stage_has_its_own_metrics_label(name: str) -> None:
+    """A stage missing from the metrics labels is recorded as stage="other" (sensitivity once was)."""
+    assert metrics.stage_label(name) == name
+    attempt = metrics.StageAttempt(name, cacheable=STAGES[name].cached)
+    assert attempt.stage == name
 
 
-def test_bad_queue_and_unknown_stage() -> None:
-    with pytest.raises(ValueError, match="queue"):
-        stages.register("never-registered", version=1, queue="tpu")
-    assert "never-registered" not in stages.REGISTRY
+def test_declare_refuses_a_bad_table() -> None:
+    one = STAGES["ingest"]
+    with pytest.raises(ValueError, match="declared twice"):
+        declare(one, replace(one, version=99))
+    with pytest.raises(ValueError, match="queue must be cpu or gpu"):
+        declare(replace(one, queue="tpu"))
+    with pytest.raises(ValueError, match="role must be step or join"):
+        declare(replace(one, role="fan"))
+    with pytest.raises(ValueError, match="config must be a StageConfig"):
+        declare(replace(one, config=dict))
+    with pytest.raises(ValueError, match="one join stage"):
+        declare(STAGES["report"], replace(STAGES["report"], name="report2"))
+    assert STAGES["ingest"].version == 1  # the table itself is untouched
     with pytest.raises(StageError, match="unknown stage"):
         stages.stage_def("no-such-stage")
 
 
-def test_importing_the_celery_app_does_not_import_torch() -> None:
-    code = textwrap.dedent("""
-        import json, sys
-        import workers.app
-        heavy = sorted(m for m in ("torch", "torchvision", "numpy", "PIL", "sklearn", "pipeline.stages",
-                                   "pipeline.quant") if m in sys.modules)
-        print(json.dumps({"heavy": heavy, "routes": sorted(workers.app.app.conf.task_routes)}))
-    """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+# builtin:digits with a fixed digest (the real one carries scikit-learn's version), so that the
+# keys below depend on the plan's configs alone
+PINNED_SOURCES = {"source": {"kind": "builtin", "name": "digits", "sha256": sha256_bytes(b"builtin:digits")},
+                  "val_source": None, "weights": None}
+
+LEAN_CHECK = textwrap.dedent("""
+    import json, sys
+    STAGE_MODULES = [f"pipeline.stages.{name}" for name in
+                     ("ingest", "finetune", "calibrate", "sensitivity", "quantize", "qat", "benchmark", "report",
+                      "common")]
+    def heavy():
+        return sorted(m for m in ("torch", "torchvision", "numpy", "PIL", "sklearn", "pipeline.quant", *STAGE_MODULES)
+                      if m in sys.modules)
+    import workers.app, workers.metrics, pipeline.stages.table
+    after_import = heavy()
+    # the arch list is torchvision's, checked when the spec is validated; planning needs none of it
+    import pipeline.spec
+    pipeline.spec.classification_archs = lambda: ["resnet18"]
+    from pipeline.plan import build_plan
+    plan = build_plan(pipeline.spec.parse_spec(json.loads(sys.argv[1])), json.loads(sys.argv[2]))
+    print(json.dumps({"after_import": after_import, "after_plan": heavy(), "nodes": len(plan),
+                      "routes": sorted(workers.app.app.conf.task_routes)}))
+""")
+
+
+def test_the_table_and_planning_import_no_torch() -> None:
+    """Routing, metrics labels and planning read the stage table only: no torch on the submitting
+    machine, no CUDA in a worker's prefork parent."""
+    out = subprocess.run([sys.executable, "-c", LEAN_CHECK, json.dumps(SMALL_SPEC), json.dumps(PINNED_SOURCES)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["heavy"] == []
-    assert result["routes"] == sorted(f"qpipe.{s}" for s in STAGE_QUEUES)
+    assert result["after_import"] == []
+    assert result["after_plan"] == []
+    assert result["nodes"] == len(build_plan(parse_spec(SMALL_SPEC), PINNED_SOURCES))
+    assert result["routes"] == sorted(f"qpipe.{s}" for s in STAGES)
+
+
+# Content keys are a stored format: a stage's stored result is found again by its key, so a change
+# in how configs are built or serialised must leave every key where it was. These were computed
+# before the configs became typed; a key that moves means every stored result is recomputed.
+EXAMPLE_KEYS = {
+    "ingest": "beff7e89acb2c2eb16885fb5c15c75c1",
+    "finetune": "1c7a119f2ae3f331b77131196a36f87e",
+    "calibrate:minmax": "5be2938b5601ac9b19a787124c1e214e",
+    "calibrate:histogram": "dcd390467c5f834830285a98b3fa5830",
+    "sensitivity:ptq-minmax:0": "d30dc195c72446ca4600af5747400b08",
+    "sensitivity:ptq-minmax:1": "bbaac093bf30b46eea0258678cb337ec",
+    "sensitivity:ptq-minmax:2": "1a840cdefbb9553163b4a9327b04b1ea",
+    "sensitivity:ptq-minmax:3": "84615e97a3bb1c36754d659dbfccc774",
+    "quantize:ptq-minmax": "8dc75e25e445210444bf69c50a4617d0",
+    "quantize:ptq-histogram": "80a5a7b30d722d377cc1c28cdc6ca6cc",
+    "quantize:dynamic": "99f98fb8808bf9bd1f9eceb60984bc6a",
+    "qat:qat": "6a69e4b76717e401ab77da81d87b90b2",
+    "benchmark:fp32": "a13a48baf4de68127f6e4b8c52f7a216",
+    "benchmark:ptq-minmax": "e3e6147a98a68f274137bd3b2c0867d3",
+    "benchmark:ptq-histogram": "8e0f5c1ed1b53af52a69b13fac169745",
+    "benchmark:dynamic": "7c3f3bc8628dd1be1252b3edb7c56ea0",
+    "benchmark:qat": "61a8fc6a3738e8118415f19c4e4ef224",
+    "report": "86e9a39e1298a56c305b598d41a32b54",
+}
+SMALL_KEYS = {
+    "ingest": "8e2095dd6c6bef03acd86a89c68858a2",
+    "finetune": "0f46907e8203b999914574610d83cbff",
+    "calibrate:minmax": "15c4c1d1e79e0e2bbf80662a86ab0dfd",
+    "calibrate:histogram": "e5ec590f918ef05359fad6aa740dae7a",
+    "quantize:ptq-minmax": "62430acfda96ce393bec234d17059c3e",
+    "quantize:ptq-histogram": "2ccb3b0d34fbeffc5afba12a88ac70f9",
+    "quantize:dynamic": "641f1697cdc6aab08d9a6db69b975ac9",
+    "qat:qat": "1d2f00f83e22156aa58ed2976aa57b14",
+    "benchmark:fp32": "2a2d0d65211b429d5512d1d0cbed1562",
+    "benchmark:ptq-minmax": "6f39d805e68f1f35146402805048e0a7",
+    "benchmark:ptq-histogram": "6b9f348b79377b52a643015356fe5f43",
+    "benchmark:dynamic": "c6f5ee3383b1186f0c85b67174db3628",
+    "benchmark:qat": "cf80a8d12e97b0531104b452fe511c9a",
+    "report": "63ed97e83aab395a91426f92036205de",
+}
+
+
+def every_option_sweep() -> dict:
+    """A sweep that sets every option a config leaves out at its default (precision, percentile,
+    bias correction, sensitivity, fallback, ONNX runtimes, a QAT batch size)."""
+    spec = copy.deepcopy(SMALL_SPEC)
+    spec["finetune"] |= {"precision": "bf16", "freeze_backbone": True}
+    spec["quantize"] = {"backend": "qnnpack", "sensitivity_parts": 2}
+    spec["benchmark"]["runtimes"] = ["torchscript", "onnxruntime"]
+    spec["sweep"] = {"archs": ["resnet18", "mobilenet_v2"], "variant_sets": {
+        "a": [{"name": "p", "method": "static", "observer": "percentile", "percentile": 99.9, "bias_correction": True},
+              {"name": "e", "method": "static", "observer": "entropy", "per_channel": False, "sensitivity": True}],
+        "b": [{"name": "q", "method": "qat", "batch_size": 16}, {"name": "d", "method": "dynamic"},
+              {"name": "f", "method": "static", "fallback": "auto"}]}}
+    return spec
+
+
+def test_content_keys_are_unchanged() -> None:
+    assert keys(build_plan(parse_spec(EXAMPLE_DICT), PINNED_SOURCES)) == EXAMPLE_KEYS
+    assert keys(build_plan(parse_spec(SMALL_SPEC), PINNED_SOURCES)) == SMALL_KEYS
+    sweep = keys(build_plan(parse_spec(every_option_sweep()), PINNED_SOURCES))
+    assert len(sweep) == 36
+    assert sha256_bytes(canonical_json(sweep).encode()) == \
+        "6642a0a75c161335dd0bf2a5d218e7441b5b392780e16598f8a0e9a853105d91"
+
+
+def test_every_node_config_parses_into_its_stage_type() -> None:
+    """What the plan sends is what the stage parses back: the node's JSON, read into the stage's
+    config type and written out again, is unchanged; a node whose config does not fit is refused."""
+    plans = [build_plan(parse_spec(s), PINNED_SOURCES) for s in (EXAMPLE_DICT, every_option_sweep())]
+    seen = set()
+    for node in (n for plan in plans for n in plan):
+        cfg = STAGES[node["stage"]].config.parse(node["config"])
+        assert type(cfg) is STAGES[node["stage"]].config
+        assert cfg.to_json() == node["config"], node["id"]
+        seen.add(node["stage"])
+    assert seen == set(STAGES)
+    node = next(n for n in plans[0] if n["stage"] == "quantize")
+    with pytest.raises(StageError, match="QuantizeConfig"):
+        STAGES["quantize"].config.parse({**node["config"], "observr": "minmax"})
 
 
 # ----------------------------------------------------------------------------------- plans

@@ -1,8 +1,8 @@
 """The Celery app: queues, routing and the settings that make long ML stages safe to run.
 
-Importing this module is cheap and side-effect free: it imports neither torch nor the stages,
-so a prefork parent never initialises CUDA (the stages import torch inside the task, in the
-process that runs them).
+Importing this module is cheap and side-effect free: it reads the stage table but imports
+neither torch nor any stage's module, so a prefork parent never initialises CUDA (the stages
+import torch inside the task, in the process that runs them).
 
 Settings (overridable through the environment):
 - JSON only, for task messages, results and events (``accept_content=["json"]``): a pickled
@@ -27,19 +27,11 @@ import os
 from celery import Celery
 from kombu import Queue
 
+from pipeline.stages.table import QUEUES, STAGES
+
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
-QUEUES = ("cpu", "gpu")
-# the stages and the queue each runs on; tests check this equals pipeline.stages' registry
-STAGE_QUEUES = {
-    "ingest": "cpu",
-    "finetune": "gpu",
-    "calibrate": "cpu",
-    "sensitivity": "cpu",
-    "quantize": "cpu",
-    "qat": "gpu",
-    "benchmark": "cpu",
-    "report": "cpu",
-}
+# the stages and the queue each runs on, from the stage table (torch-free)
+STAGE_QUEUES = {name: d.queue for name, d in STAGES.items()}
 STAGE_TIME_LIMIT = int(os.environ.get("QPIPE_STAGE_TIME_LIMIT", 6 * 3600))  # hard limit, seconds
 RETRY_BACKOFF_MAX = int(os.environ.get("QPIPE_RETRY_BACKOFF_MAX", 300))
 MAX_RETRIES = int(os.environ.get("QPIPE_MAX_RETRIES", 8))

@@ -17,6 +17,8 @@ from typing import Any
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
 
+from pipeline.stages.table import is_join
+
 
 def _tree(plan: list[dict]) -> tuple[dict[str, list[str]], dict[str, list[tuple[list[str], str]]]]:
     """Each node hangs under its input that comes last in plan order (its tree parent), except a
@@ -28,7 +30,7 @@ def _tree(plan: list[dict]) -> tuple[dict[str, list[str]], dict[str, list[tuple[
     kids: dict[str, list[str]] = {n["id"]: [] for n in plan}
     joins: dict[str, list[tuple[list[str], str]]] = {}
     for n in plan:
-        if n["stage"] == "report" or not n["inputs"]:
+        if is_join(n["stage"]) or not n["inputs"]:
             continue
         deps = [d["id"] for d in n["inputs"].values()]
         last = max(deps, key=order.__getitem__)
@@ -67,7 +69,7 @@ def build_canvas(app: Celery, plan: list[dict[str, Any]], run_id: str, store_uri
             return chain(sig(node_id), below[0])
         return chain(sig(node_id), group(below))
 
-    report = next(n["id"] for n in plan if n["stage"] == "report")
+    report = next(n["id"] for n in plan if is_join(n["stage"]))
     trunk = []
     head = plan[0]["id"]
     while len(kids[head]) == 1 and not joins.get(head):  # ingest -> finetune

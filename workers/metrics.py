@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.stages.table import STAGES  # the stage label of each declared stage
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9808
@@ -62,7 +64,6 @@ ARCHIVE = "archive"  # stands where a pid would in the name of a folded file
 DURATION_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600)
 OUTCOMES = ("done", "cached", "failed", "cancelled", "retry")
 PHASES = ("train", "calibrate", "eval")
-STAGES = ("ingest", "finetune", "calibrate", "quantize", "qat", "benchmark", "report")
 # exception class names kept as the error_type label; anything else is "other"
 ERROR_TYPES = frozenset({
     "ConfigError", "SpecError", "StageError", "TransientError", "Cancelled", "ArtifactMissing", "CorruptArtifact",
@@ -178,6 +179,7 @@ def _metrics() -> _Metrics | None:
 
 
 def stage_label(stage: str) -> str:
+    """The stage label: the stage's name for every stage of the table, "other" for anything else."""
     return stage if stage in STAGES else "other"
 
 

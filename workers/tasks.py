@@ -31,6 +31,7 @@ import redis
 from celery import Task
 from celery.exceptions import Retry
 
+from pipeline.stages.table import is_join
 from workers import metrics
 from workers.app import MAX_DELIVERIES, MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
 from workers.deliveries import Deliveries, explain
@@ -107,8 +108,8 @@ def stage_lock(client: redis.Redis, key: str, owner: str, on_wait: Callable[[], 
 
 
 def lock_name(run_id: str, node: dict[str, Any]) -> str:
-    """The stage lock of a node: per content key, and per run for the report (not cached)."""
-    return f"qpipe:lock:report:{run_id}" if node["stage"] == "report" else f"qpipe:lock:{node['stage']}:{node['key']}"
+    """The stage lock of a node: per content key, and per run for the join (the report: not cached)."""
+    return f"qpipe:lock:{node['stage']}:{run_id if is_join(node['stage']) else node['key']}"
 
 
 def lock_owner(hostname: str, task_id: str) -> str:
@@ -182,7 +183,7 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         return {"node": node_id, "state": kind}
 
     patiently(state.mark_running, "status")
-    if stage == "report":
+    if is_join(stage):
         if patiently(lambda: state.get("status"), "status") in FINAL_RUN_STATES:
             return {"node": node_id, "state": "done"}  # a duplicate delivery of the report
         stages = patiently(state.stages, "status")
@@ -214,7 +215,7 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
             return False
 
     extra: dict[str, Any] = {"spec_sha256": patiently(lambda: state.get("spec_sha256"), "status")}
-    if stage == "report":
+    if is_join(stage):
         extra["failures"] = state.failures()
         extra["cancelled"] = state.cancel_requested()
         extra["cached_stages"] = sum(1 for s in state.stages().values() if s["state"] == "cached")
@@ -228,7 +229,7 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
             if (state.stage(node_id) or {}).get("state") != "running":
                 state.update_stage(node_id, state="pending", detail="waiting: the same stage is running elsewhere")
 
-    attempt = metrics.StageAttempt(stage, cacheable=stage != "report")  # no-op unless metrics are on
+    attempt = metrics.StageAttempt(stage, cacheable=not is_join(stage))  # no-op unless metrics are on
     try:
         store = open_store(store_uri)
         store.on_transfer = metrics.count_transfer
@@ -272,14 +273,14 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
             log.info("%s %s: computed stage %s key %s", run_id, node_id, stage, node["key"])
         attempt.end("cached" if result.cached else "done")
         out = finish("cached" if result.cached else "done", progress=1.0, manifest=result.manifest_uri)
-        if stage == "report":
+        if is_join(stage):
             patiently(lambda: state.finish(result.manifest["summary"]), "status")
             try:  # the run's outcome is recorded; a metrics problem must not change it
                 metrics.set_quality(result.manifest["summary"])
             except Exception:
                 log.exception("%s: could not set the quality gauges", run_id)
         return out
-    if stage == "report":  # the report itself failed: the run still ends, FAILED
+    if is_join(stage):  # the report itself failed: the run still ends, FAILED
         patiently(lambda: state.set(status="CANCELLED" if state.cancel_requested() else "FAILED",
                                     finished=time.time(),
                                     error=f"report failed: {state.stage(node_id).get('error')}"), "status")
@@ -303,7 +304,7 @@ def fail_stage(task: Task, run_id: str, node: dict[str, Any], error: str) -> dic
     """Record a stage as failed (the report stage: the run as FAILED) and return its result."""
     state = state_for(task, run_id)
     patiently(lambda: state.update_stage(node["id"], state="failed", finished=time.time(), error=error), "status")
-    if node.get("stage") == "report":
+    if is_join(node.get("stage", "")):
         patiently(lambda: state.set(status="FAILED", finished=time.time(), error=f"report failed: {error}"),
                   "status")
     return {"node": node["id"], "state": "failed"}

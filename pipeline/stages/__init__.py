@@ -1,10 +1,11 @@
-"""The stage registry and the one function that executes a stage.
+"""The one function that executes a stage, and what a stage may use.
 
-A stage is a pure function ``fn(ctx, config, inputs) -> dict`` registered once with a name, a
-version and the queue it belongs on. ``execute`` gives every stage the same treatment: return
-the stored result when the stage's ``manifest.json`` already exists (content-addressed cache),
-otherwise read the input manifests, run the function in a scratch folder, and write the
-manifest last, so a manifest's presence means the whole output is there.
+A stage is a pure function ``fn(ctx, config, inputs) -> dict`` over its typed config, declared
+once in ``pipeline.stages.table`` (torch-free, re-exported here) with a name, a version, a queue
+and a role. ``execute`` gives every stage the same treatment: return the stored result when the
+stage's ``manifest.json`` already exists (content-addressed cache), otherwise read the input
+manifests, parse the node's config into the stage's config type, run the function in a scratch
+folder, and write the manifest last, so a manifest's presence means the whole output is there.
 
 A cached result is served only after every artifact its manifest references has been hashed
 again and found to match: an entry whose output rotted, was truncated or was tampered with is
@@ -15,7 +16,6 @@ of being handed to the next stage or retried as if the store were down.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import logging
 import socket
 import tempfile
@@ -26,52 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import Cancelled, CorruptArtifact, StageError
+from pipeline.stages.table import STAGES, StageDef, is_join, load_all, stage_def
 from pipeline.store import ArtifactMissing, ArtifactRef, Store
 
 log = logging.getLogger(__name__)
 
-StageFn = Callable[["StageContext", dict, dict[str, dict]], dict]
-STAGE_MODULES = ("ingest", "finetune", "calibrate", "sensitivity", "quantize", "qat", "benchmark", "report")
-
-
-@dataclass(frozen=True)
-class StageDef:
-    name: str
-    version: int
-    queue: str  # "cpu" or "gpu"
-    fn: StageFn
-    cached: bool = True  # False: rerun every time, outputs under runs/{run_id}/
-    partial_inputs: bool = False  # True: run with whichever inputs exist (the report)
-
-
-REGISTRY: dict[str, StageDef] = {}
-
-
-def register(name: str, *, version: int, queue: str, cached: bool = True,
-             partial_inputs: bool = False) -> Callable[[StageFn], StageFn]:
-    if queue not in ("cpu", "gpu"):
-        raise ValueError(f"queue must be cpu or gpu, not {queue!r}")
-
-    def deco(fn: StageFn) -> StageFn:
-        if name in REGISTRY:
-            raise ValueError(f"stage {name!r} is registered twice")
-        REGISTRY[name] = StageDef(name, version, queue, fn, cached, partial_inputs)
-        return fn
-
-    return deco
-
-
-def load_all() -> dict[str, StageDef]:
-    for mod in STAGE_MODULES:
-        importlib.import_module(f"pipeline.stages.{mod}")
-    return REGISTRY
-
-
-def stage_def(name: str) -> StageDef:
-    load_all()
-    if name not in REGISTRY:
-        raise StageError(f"unknown stage {name!r}")
-    return REGISTRY[name]
+__all__ = ["STAGES", "StageContext", "StageDef", "StageResult", "execute", "is_join", "load_all",
+           "manifest_key", "stage_def"]
 
 
 def manifest_key(stage: str, key: str) -> str:
@@ -224,7 +185,7 @@ def execute(node: dict[str, Any], store: Store, *, run_id: str | None = None,
     with tempfile.TemporaryDirectory(prefix=f"qpipe-{sdef.name}-") as tmp:
         ctx = StageContext(store, sdef.name, key, prefix, Path(tmp), run_id, on_progress, is_cancelled,
                            dict(extra or {}), on_images)
-        result = sdef.fn(ctx, node["config"], inputs)
+        result = sdef.fn(ctx, sdef.config.parse(node["config"]), inputs)
     manifest = {
         "stage": sdef.name,
         "stage_version": sdef.version,

@@ -8,7 +8,7 @@ batch 64 ran batch 1 about twice as slowly as a fresh one (measured by bench/pee
 deployed model is loaded once and serves one batch size; so is each timing here.
 
 A static variant exported as ONNX QDQ is measured the same way on each runtime of
-``cfg["runtimes"]`` (ONNX Runtime, OpenVINO; ``pipeline.runtimes``), and ``runtimes`` in the
+``cfg.runtimes`` (ONNX Runtime, OpenVINO; ``pipeline.runtimes``), and ``runtimes`` in the
 manifest holds every form's top-1, latency and size (TorchScript's too). A runtime whose package
 is missing, or a variant without an export, is listed in ``skipped_runtimes`` with the reason."""
 
@@ -19,8 +19,9 @@ import logging
 from pipeline.bench import measure_latency, threads
 from pipeline.quant import load_torchscript, set_engine
 from pipeline.runtimes import load_runner, missing
-from pipeline.stages import StageContext, register
+from pipeline.stages import StageContext
 from pipeline.stages.common import load_split, norm
+from pipeline.stages.configs import BenchmarkConfig
 from pipeline.store import ArtifactRef
 from pipeline.train import counting, evaluate, normalize
 
@@ -33,7 +34,7 @@ def _rounded(latency: dict[str, dict]) -> dict[str, dict]:
             "throughput_ips": {bs: round(v["throughput_ips"], 2) for bs, v in latency.items()}}
 
 
-def time_each_batch(ctx: StageContext, cfg: dict, fresh, xv, n: dict, *, label: str = "",
+def time_each_batch(ctx: StageContext, cfg: BenchmarkConfig, fresh, xv, n: dict, *, label: str = "",
                     progress: tuple[float, float] = (0.5, 0.3)) -> dict[str, dict]:
     """``pipeline.bench.measure_latency`` at each batch size of ``cfg``, each on a freshly
     loaded model ``fresh(batch_size)`` first called at that size (see the module docstring), on
@@ -41,22 +42,22 @@ def time_each_batch(ctx: StageContext, cfg: dict, fresh, xv, n: dict, *, label: 
     import torch
 
     latency = {}
-    sizes = cfg["batch_sizes"]
+    sizes = cfg.batch_sizes
     for i, bs in enumerate(sizes):
         ctx.progress(progress[0] + progress[1] * i / len(sizes), f"{label}latency at batch {bs}")
         ctx.check_cancelled(every=0.0)
         idx = torch.arange(bs) % len(xv)
-        latency[str(bs)] = measure_latency(fresh(bs), normalize(xv[idx], **n), warmup=cfg["warmup"],
-                                           iterations=cfg["iterations"])
+        latency[str(bs)] = measure_latency(fresh(bs), normalize(xv[idx], **n), warmup=cfg.warmup,
+                                           iterations=cfg.iterations)
     return latency
 
 
-def other_runtimes(ctx: StageContext, cfg: dict, producer: dict, xv, yv, n: dict) -> tuple[dict, dict, dict]:
-    """Top-1 and latency of the variant's ONNX export on each runtime of ``cfg["runtimes"]``
+def other_runtimes(ctx: StageContext, cfg: BenchmarkConfig, producer: dict, xv, yv, n: dict) -> tuple[dict, dict, dict]:
+    """Top-1 and latency of the variant's ONNX export on each runtime of ``cfg.runtimes``
     (ONNX Runtime, OpenVINO), timed like the TorchScript form: a fresh runner per batch size,
     first called at that size. Returns ({runtime: metrics}, {runtime: why it was skipped}, the
     stored ONNX file's reference or {})."""
-    wanted = cfg.get("runtimes", [])
+    wanted = cfg.runtimes
     if not wanted:
         return {}, {}, {}
     ref = producer["outputs"].get("onnx")
@@ -70,30 +71,29 @@ def other_runtimes(ctx: StageContext, cfg: dict, producer: dict, xv, yv, n: dict
         why = missing(rt)
         if why:
             skipped[rt] = why
-            log.info("%s: %s skipped: %s", cfg["variant"], rt, why)
+            log.info("%s: %s skipped: %s", cfg.variant, rt, why)
             continue
         ctx.progress(0.8, f"{rt}: accuracy")
         ctx.check_cancelled(every=0.0)
-        acc = evaluate(load_runner(rt, path, threads=cfg["threads"], batch_size=None), xv, yv, batch_size=64,
+        acc = evaluate(load_runner(rt, path, threads=cfg.threads, batch_size=None), xv, yv, batch_size=64,
                        **n)["accuracy"]
         ctx.images(len(yv), "eval")
-        latency = time_each_batch(ctx, cfg, lambda bs, rt=rt: load_runner(rt, path, threads=cfg["threads"],
+        latency = time_each_batch(ctx, cfg, lambda bs, rt=rt: load_runner(rt, path, threads=cfg.threads,
                                                                          batch_size=bs),
                                   xv, n, label=f"{rt}: ", progress=(0.85, 0.1))
         out[rt] = {"accuracy_top1": acc, **_rounded(latency), "size_bytes": artifact.size, "artifact": artifact.uri}
     return out, skipped, {"onnx": artifact.to_dict()}
 
 
-@register("benchmark", version=3, queue="cpu")
-def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
+def benchmark(ctx: StageContext, cfg: BenchmarkConfig, inputs: dict) -> dict:
     data, producer = inputs["data"], inputs["model"]
-    set_engine(cfg["backend"])
+    set_engine(cfg.backend)
     model_ref = producer["outputs"]["model"]
     path = ctx.fetch(model_ref, "model.ts")
     model = load_torchscript(path)
     xv, yv = load_split(ctx, data, "val")
     n = norm(data)
-    with threads(cfg["threads"]):
+    with threads(cfg.threads):
         def on_batch(done: int, total: int) -> None:
             ctx.progress(0.5 * done / total, f"accuracy {min(done * 64, len(yv))}/{len(yv)} images")
             ctx.check_cancelled()
@@ -112,18 +112,18 @@ def benchmark(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         runtimes, skipped, exported = other_runtimes(ctx, cfg, producer, xv, yv, n)
     artifact = ctx.store.copy(ArtifactRef.from_dict(model_ref), f"{ctx.prefix}/model.ts")
     return {
-        "name": cfg["variant"],
-        "method": cfg["method"],
+        "name": cfg.variant,
+        "method": cfg.method,
         "classes": data["classes"],
         "preprocess": data["preprocess"],
         "format": producer.get("format", "torchscript"),
         "load_with": "torch.jit.load",
-        "backend": cfg["backend"],
+        "backend": cfg.backend,
         "metrics": {
             "accuracy_top1": acc,
             **_rounded(latency),
             "size_bytes": artifact.size,
-            "threads": cfg["threads"],
+            "threads": cfg.threads,
             "val_images": len(yv),
         },
         "runtimes": {"torchscript": {"accuracy_top1": acc, **_rounded(latency), "size_bytes": artifact.size,

@@ -6,41 +6,41 @@ import logging
 
 from pipeline.models import build_model, head_of
 from pipeline.quant import export_torchscript
-from pipeline.stages import StageContext, register
+from pipeline.stages import StageContext
 from pipeline.stages.common import example_input, load_split, norm
+from pipeline.stages.configs import FinetuneConfig
 from pipeline.train import device_record, pick_device, seed_everything, train_epochs, training_precision
 
 log = logging.getLogger(__name__)
 
 
-@register("finetune", version=1, queue="gpu")
-def finetune(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
+def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
     import torch
 
     data = inputs["data"]
-    seed_everything(cfg["seed"])
-    device = pick_device(cfg["device"])
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
     # mixed precision where there is CUDA; without it (device: auto on a CPU worker), fp32 and a note
-    precision, precision_note = training_precision(cfg.get("precision", "fp32"), device)
+    precision, precision_note = training_precision(cfg.precision, device)
     if precision_note:
         log.warning("%s: %s", ctx.stage, precision_note)
-    weights, checkpoint = cfg.get("weights"), None
+    weights, checkpoint = cfg.weights, None
     name = None
     if weights and weights["kind"] == "torchvision":
         name = weights["name"]
     elif weights:
         checkpoint = ctx.fetch(weights, "init.pt")
-    model = build_model(cfg["arch"], len(data["classes"]), weights=name, checkpoint=checkpoint,
+    model = build_model(cfg.arch, len(data["classes"]), weights=name, checkpoint=checkpoint,
                         checkpoint_name=weights.get("name") if weights else None)
-    if cfg["freeze_backbone"]:
+    if cfg.freeze_backbone:
         head_name, _ = head_of(model)
         for pname, p in model.named_parameters():
             p.requires_grad = pname.startswith(head_name + ".")
     x, y = load_split(ctx, data, "train")
     xv, yv = load_split(ctx, data, "val")
-    history = train_epochs(model, ctx, x, y, xv, yv, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                           lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                           device=device, seed=cfg["seed"], frozen_bn=cfg["freeze_backbone"], precision=precision,
+    history = train_epochs(model, ctx, x, y, xv, yv, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                           lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           device=device, seed=cfg.seed, frozen_bn=cfg.freeze_backbone, precision=precision,
                            channels_last=True, **norm(data))
     model.cpu().eval()
     if device.type == "cuda":  # trained channels_last: exported and saved in the usual layout

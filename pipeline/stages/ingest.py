@@ -16,12 +16,12 @@ from pipeline.data import (
     write_shards,
 )
 from pipeline.sources import materialize_source
-from pipeline.stages import StageContext, register
+from pipeline.stages import StageContext
+from pipeline.stages.configs import IngestConfig
 
 
-@register("ingest", version=1, queue="cpu")
-def ingest(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
-    pre = Preprocess(resize=cfg["image_size"], crop=cfg["image_size"])
+def ingest(ctx: StageContext, cfg: IngestConfig, inputs: dict) -> dict:
+    pre = Preprocess(resize=cfg.image_size, crop=cfg.image_size)
     skipped: list[dict] = []
     decoded = 0
 
@@ -32,27 +32,27 @@ def ingest(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
             ctx.progress(0.0, f"{decoded} images decoded")
             ctx.check_cancelled()
 
-    src = cfg["source"]
+    src = cfg.source
     if src["kind"] == "builtin":
         classes, images = load_digits(pre)
     else:
-        root, pre_skipped = materialize_source(src, ctx.store, ctx.workdir / "source", cfg["max_archive_bytes"])
+        root, pre_skipped = materialize_source(src, ctx.store, ctx.workdir / "source", cfg.max_archive_bytes)
         skipped += pre_skipped
-        classes, images = read_image_folder(root, pre, cfg["max_image_pixels"], skipped, progress=tick)
-    if cfg.get("val_source"):
+        classes, images = read_image_folder(root, pre, cfg.max_image_pixels, skipped, progress=tick)
+    if cfg.val_source:
         train = images
-        root, pre_skipped = materialize_source(cfg["val_source"], ctx.store, ctx.workdir / "val",
-                                               cfg["max_archive_bytes"])
+        root, pre_skipped = materialize_source(cfg.val_source, ctx.store, ctx.workdir / "val",
+                                               cfg.max_archive_bytes)
         val_skipped: list[dict] = []
-        _, val = read_image_folder(root, pre, cfg["max_image_pixels"], val_skipped, classes=classes, progress=tick)
+        _, val = read_image_folder(root, pre, cfg.max_image_pixels, val_skipped, classes=classes, progress=tick)
         skipped += [{**s, "split": "val"} for s in pre_skipped + val_skipped]
     else:
-        tr_idx, val_idx = stratified_split(images.labels, cfg["val_fraction"], cfg["seed"])
+        tr_idx, val_idx = stratified_split(images.labels, cfg.val_fraction, cfg.seed)
         train, val = subset(images, tr_idx), subset(images, val_idx)
     ds = Dataset(classes, train, val, skipped)
     check_dataset(ds)
-    calib = subset(train, calibration_indices(len(train.labels), cfg["calib_size"], cfg["seed"]))
-    notes = [n for n in (calibration_note(cfg["calib_size"], len(train.labels)),) if n]
+    calib = subset(train, calibration_indices(len(train.labels), cfg.calib_size, cfg.seed))
+    notes = [n for n in (calibration_note(cfg.calib_size, len(train.labels)),) if n]
     ctx.progress(0.9, "writing shards")
     shards = {}
     for name, split in (("train", train), ("val", val), ("calib", calib)):

@@ -5,21 +5,21 @@ the int8 model will have, which autocast's bf16/fp16 activations would distort."
 from __future__ import annotations
 
 from pipeline.quant import convert_qat, count_layers, export_torchscript, layer_table, prepare_qat
-from pipeline.stages import StageContext, register
+from pipeline.stages import StageContext
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
+from pipeline.stages.configs import QatConfig
 from pipeline.train import device_record, pick_device, train_epochs
 
 
-@register("qat", version=1, queue="gpu")
-def qat(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
+def qat(ctx: StageContext, cfg: QatConfig, inputs: dict) -> dict:
     data, fp32 = inputs["data"], inputs["model"]
-    device = pick_device(cfg["device"], "qat")
+    device = pick_device(cfg.device, "qat")
     example = example_input(data)
-    prepared = prepare_qat(load_fp32(ctx, fp32, data), example, backend=cfg["backend"], arch=cfg["arch"])
+    prepared = prepare_qat(load_fp32(ctx, fp32, data), example, backend=cfg.backend, arch=cfg.arch)
     x, y = load_split(ctx, data, "train")
     xv, yv = load_split(ctx, data, "val")
-    history = train_epochs(prepared, ctx, x, y, xv, yv, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                           lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=0.0, device=device, seed=cfg["seed"],
+    history = train_epochs(prepared, ctx, x, y, xv, yv, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                           lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0, device=device, seed=cfg.seed,
                            label="qat epoch", **norm(data))
     qmodel = convert_qat(prepared)
     rows = layer_table(qmodel)
@@ -29,7 +29,7 @@ def qat(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
         "classes": data["classes"],
         "preprocess": data["preprocess"],
         "method": "qat",
-        "backend": cfg["backend"],
+        "backend": cfg.backend,
         "history": history,
         **device_record(device),
         "precision": "fp32",

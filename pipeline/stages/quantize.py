@@ -27,8 +27,9 @@ from pipeline.quant import (
 )
 from pipeline.runtimes import export_onnx_qdq, int8_biases
 from pipeline.sensitivity import logits_of, rank, search_fallback, top1
-from pipeline.stages import StageContext, register
+from pipeline.stages import StageContext
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
+from pipeline.stages.configs import QuantizeConfig
 from pipeline.stages.sensitivity import calibrated_model, validation
 from pipeline.train import normalize
 
@@ -49,16 +50,15 @@ def join_sensitivity(inputs: dict, parts: int) -> dict:
             "ranking": rank(rows, got[0]["int8_accuracy"])}
 
 
-@register("quantize", version=1, queue="cpu")
-def quantize(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
+def quantize(ctx: StageContext, cfg: QuantizeConfig, inputs: dict) -> dict:
     data, fp32 = inputs["data"], inputs["model"]
     example = example_input(data)
     extra: dict = {}
     outputs: dict = {}
-    if cfg["method"] == "static":
+    if cfg.method == "static":
         model, observed = calibrated_model(ctx, cfg, inputs)
         calib_x = None
-        if cfg.get("bias_correction"):
+        if cfg.bias_correction:
             calib_x = normalize(load_split(ctx, data, "calib")[0][:BIAS_CORRECTION_IMAGES], **norm(data))
 
         def convert(kept: list[str]):
@@ -68,9 +68,9 @@ def quantize(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
             return q, None
 
         kept: list[str] = []
-        if cfg.get("sensitivity"):
-            extra["sensitivity"] = join_sensitivity(inputs, cfg["sensitivity"])
-        if cfg.get("fallback") == "auto":
+        if cfg.sensitivity:
+            extra["sensitivity"] = join_sensitivity(inputs, cfg.sensitivity)
+        if cfg.fallback == "auto":
             x, y = validation(ctx, data)
 
             def accuracy_of(layers: list[str]) -> float:
@@ -82,17 +82,17 @@ def quantize(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
                 ctx.progress(0.6 * k / max(total, 1), f"fallback: {k} most sensitive layer(s) kept fp32")
 
             fb = search_fallback(extra["sensitivity"]["ranking"], accuracy_of,
-                                 fp32_accuracy=extra["sensitivity"]["fp32_accuracy"], budget=cfg["accuracy_budget"],
+                                 fp32_accuracy=extra["sensitivity"]["fp32_accuracy"], budget=cfg.accuracy_budget,
                                  on_try=on_try)
             kept = fb["kept_fp32"]
             extra["fallback"] = fb
-            (log.info if fb["met"] else log.warning)("%s fallback: %s", cfg["variant"], fb["message"])
+            (log.info if fb["met"] else log.warning)("%s fallback: %s", cfg.variant, fb["message"])
         if calib_x is not None:
             ctx.progress(0.7, "bias correction")
         qmodel, bias = convert(kept)
         if bias is not None:
             extra["bias_correction"] = bias
-        if cfg.get("export_onnx"):  # the same int8 model as ONNX QDQ, for ONNX Runtime and OpenVINO
+        if cfg.export_onnx:  # the same int8 model as ONNX QDQ, for ONNX Runtime and OpenVINO
             ctx.progress(0.75, "exporting ONNX QDQ")
             try:
                 onnx = export_onnx_qdq(observed, example, ctx.workdir / "model.onnx", kept,
@@ -100,14 +100,14 @@ def quantize(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
                 outputs["onnx"] = ctx.put("model.onnx", onnx)
             except StageError as err:  # the TorchScript form stands alone; the benchmark says why ONNX is absent
                 extra["export_errors"] = {"onnx": str(err)}
-                log.warning("%s: %s", cfg["variant"], err)
+                log.warning("%s: %s", cfg.variant, err)
         if kept:  # the all-int8 model too, so the benchmark can measure what the fallback costs
             ctx.progress(0.8, "exporting the all-int8 TorchScript")
             path = export_torchscript(convert([])[0], example, ctx.workdir / "all-int8.ts")
             outputs["all_int8"] = ctx.put("all-int8.ts", path)
     else:
         model = load_fp32(ctx, fp32, data)
-        qmodel = quantize_dynamic(model, example, backend=cfg["backend"], arch=cfg["arch"])
+        qmodel = quantize_dynamic(model, example, backend=cfg.backend, arch=cfg.arch)
     ctx.progress(0.9, "exporting TorchScript")
     rows = layer_table(qmodel)
     int8, fp = count_layers(rows)
@@ -115,8 +115,8 @@ def quantize(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     return {
         "classes": data["classes"],
         "preprocess": data["preprocess"],
-        "method": cfg["method"],
-        "backend": cfg["backend"],
+        "method": cfg.method,
+        "backend": cfg.backend,
         "layers": rows,
         "int8_layers": int8,
         "fp32_layers": fp,

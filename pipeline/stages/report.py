@@ -15,7 +15,7 @@ import time
 
 from pipeline.plots import FILES, render_all
 from pipeline.report import choose_runtimes, entry, html_page, markdown, per_batch, select
-from pipeline.stages import StageContext, manifest_key, register
+from pipeline.stages import StageContext, manifest_key
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ def _placed(row: dict, v: dict) -> dict:
             "set": v.get("set")} | {k: x for k, x in row.items() if k != "name"}
 
 
-@register("report", version=2, queue="cpu", cached=False, partial_inputs=True)
 def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
     data = inputs.get("data")
     failures = list(ctx.extra.get("failures", []))

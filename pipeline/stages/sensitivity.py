@@ -13,19 +13,20 @@ import torch
 
 from pipeline.quant import calibrated, convert_calibrated
 from pipeline.sensitivity import json_db, logits_of, measure, part_layers, sqnr_db, top1
-from pipeline.stages import StageContext, register
+from pipeline.stages import StageContext
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
+from pipeline.stages.configs import ConvertConfig, SensitivityConfig
 from pipeline.train import normalize
 
 
-def calibrated_model(ctx: StageContext, cfg: dict, inputs: dict):
+def calibrated_model(ctx: StageContext, cfg: ConvertConfig, inputs: dict):
     """The fp32 model and its calibrated observed graph, as the quantize stage builds them."""
     data, fp32 = inputs["data"], inputs["model"]
     model = load_fp32(ctx, fp32, data)
     path = ctx.fetch(inputs["calibration"]["outputs"]["observers"], "observers.pt")
     observed = calibrated(model, example_input(data), torch.load(path, weights_only=True),
-                          observer=cfg["observer"], per_channel=cfg["per_channel"], backend=cfg["backend"],
-                          arch=cfg["arch"], percentile=cfg.get("percentile"))
+                          observer=cfg.observer, per_channel=cfg.per_channel, backend=cfg.backend,
+                          arch=cfg.arch, percentile=cfg.percentile)
     return model, observed
 
 
@@ -34,11 +35,10 @@ def validation(ctx: StageContext, data: dict) -> tuple[torch.Tensor, torch.Tenso
     return normalize(xv, **norm(data)), yv
 
 
-@register("sensitivity", version=1, queue="cpu")
-def sensitivity(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
+def sensitivity(ctx: StageContext, cfg: SensitivityConfig, inputs: dict) -> dict:
     model, observed = calibrated_model(ctx, cfg, inputs)
     x, y = validation(ctx, inputs["data"])
-    layers = part_layers(observed, cfg["part"], cfg["parts"])
+    layers = part_layers(observed, cfg.part, cfg.parts)
     ctx.progress(0.0, "fp32 and all-int8 references")
     fp32 = logits_of(model, x)
     int8 = logits_of(convert_calibrated(observed), x)
@@ -51,8 +51,8 @@ def sensitivity(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
 
     rows = measure(observed, layers, x, y, fp32, on_layer=on_layer)
     return {
-        "part": cfg["part"],
-        "parts": cfg["parts"],
+        "part": cfg.part,
+        "parts": cfg.parts,
         "val_images": len(y),
         "fp32_accuracy": top1(fp32, y),
         "int8_accuracy": top1(int8, y),
