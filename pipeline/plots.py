@@ -6,7 +6,7 @@ process-wide backend switch, so importing this module in a worker changes nothin
 deterministic: fixed sizes and colours, and PNGs without the "Software" text chunk (matplotlib
 writes no timestamp in a PNG), so the same summary gives the same bytes.
 
-Each drawing function takes the run summary (``pipeline.stages.report``) and returns a Figure of
+Each drawing function takes the run summary (``pipeline.summary``) and returns a Figure of
 what is there, or None when there is nothing to draw: a failed variant has no point and no bar, a
 run without QAT has only the fp32 curve. ``render_all`` writes the PNGs.
 
@@ -21,6 +21,8 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from pipeline.summary import baseline_of, is_baseline, is_sweep, measured, selection_batch, sensitivity_groups
 
 log = logging.getLogger(__name__)
 
@@ -54,45 +56,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
             front.append(i)
             best = points[i][1]
     return front
-
-
-def selection_batch(summary: dict[str, Any]) -> str | None:
-    """The batch size whose latency chose the variant (the first of ``benchmark.batch_sizes``)."""
-    sizes = summary.get("batch_sizes") or []
-    return str(sizes[0]) if sizes else None
-
-
-def is_sweep(summary: dict[str, Any]) -> bool:
-    return "baselines" in summary
-
-
-def baseline_of(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | None:
-    """The fp32 row that ``row`` is compared with: its arch's in a sweep, else the baseline."""
-    if is_sweep(summary):
-        return summary["baselines"].get(row.get("arch"))
-    return summary.get("baseline")
-
-
-def is_baseline(summary: dict[str, Any], row: dict[str, Any]) -> bool:
-    return row.get("method") == "fp32" if is_sweep(summary) else row is summary.get("baseline")
-
-
-def ordered(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The measured baselines and every variant row: the baseline first, or in a sweep each
-    arch's baseline followed by that arch's variants."""
-    variants = list(summary.get("variants", []))
-    if not is_sweep(summary):
-        base = summary.get("baseline")
-        return ([base] if base else []) + variants
-    rows = []
-    for arch, base in summary["baselines"].items():
-        rows += ([base] if base else []) + [v for v in variants if v.get("arch") == arch]
-    return rows
-
-
-def measured(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The baselines (if measured) and every variant that has results, in ``ordered`` order."""
-    return [r for r in ordered(summary) if r.get("accuracy_top1") is not None]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -255,23 +218,6 @@ def training(history: dict[str, list[dict[str, Any]]]) -> Any | None:
     acc_ax.set_title("accuracy per epoch", fontsize=10)
     acc_ax.legend(fontsize=7, loc="lower right")
     return fig
-
-
-def sensitivity_groups(summary: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
-    """Variants with a sensitivity analysis, those with the same analysis (the same calibration
-    and conversion: the plan shares their parts) grouped: [(names, first such variant)]."""
-    groups: list[tuple[list[str], dict[str, Any]]] = []
-    for v in summary.get("variants", []):
-        if not v.get("sensitivity"):
-            continue
-        same = next((g for g in groups if g[1]["sensitivity"] == v["sensitivity"]), None)
-        if same:
-            same[0].append(str(v["name"]))
-            if v.get("fallback") and not same[1].get("fallback"):
-                groups[groups.index(same)] = (same[0], v)  # show what the fallback kept
-        else:
-            groups.append(([str(v["name"])], v))
-    return groups
 
 
 def sensitivity(summary: dict[str, Any]) -> Any | None:

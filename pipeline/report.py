@@ -1,101 +1,41 @@
-"""Joining benchmark results into a run summary, choosing a variant, and writing the report:
-``report.md`` and a self-contained ``report.html`` (inline CSS, no scripts, no external fonts),
-both showing the pictures of ``pipeline.plots`` as PNG files next to them by relative path, so
-the report's folder can be copied anywhere and still shows them."""
+"""The run's report: ``report.md`` and a self-contained ``report.html`` (inline CSS, no scripts,
+no external fonts), both showing the pictures of ``pipeline.plots`` as PNG files next to them by
+relative path, so the report's folder can be copied anywhere and still shows them; and the
+variant table that the CLI prints.
+
+What the report says is built once, by ``document``, as a list of sections of blocks
+(paragraphs, lists, tables, figures) holding plain text. Two Jinja2 templates in
+``pipeline/templates`` write that list as Markdown and as HTML; the HTML one is autoescaped, so
+every string from the user, the data or an error (names, class names, file names, messages,
+URIs) is text on the page, and neither this module nor the templates escape anything by hand.
+What is chosen and why (the selection, the baselines, the drops) is ``pipeline.summary``'s.
+"""
 
 from __future__ import annotations
 
-import html
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
-from pipeline.plots import (
-    FILES,
-    TITLES,
+import jinja2
+
+from pipeline.plots import FILES, TITLES
+from pipeline.summary import (
     baseline_of,
     is_baseline,
     is_sweep,
+    not_measured,
     ordered,
     selection_batch,
     sensitivity_groups,
+    trained_on,
 )
 
-
-def entry(bench: dict[str, Any]) -> dict[str, Any]:
-    """A summary row for one benchmarked model, from its benchmark manifest."""
-    m = bench["metrics"]
-    return {
-        "name": bench["name"],
-        "method": bench["method"],
-        "accuracy_top1": m["accuracy_top1"],
-        "latency_ms_p50": m["latency_ms_p50"],
-        "latency_ms_p95": m["latency_ms_p95"],
-        "throughput_ips": m["throughput_ips"],
-        "size_bytes": m["size_bytes"],
-        "int8_layers": bench.get("int8_layers"),
-        "fp32_layers": bench.get("fp32_layers"),
-        "artifact": bench["outputs"]["model"]["uri"],
-        "sha256": bench["outputs"]["model"]["sha256"],
-        "format": bench["format"],
-        "manifest": bench.get("manifest_uri"),
-        **{k: bench[k] for k in ("sensitivity", "fallback", "runtimes", "skipped_runtimes") if bench.get(k)},
-    }
-
-
-LATENCY_FIELDS = ("latency_ms_p50", "latency_ms_p95", "throughput_ips")
-
-
-def choose_runtimes(row: dict[str, Any], baseline_accuracy: float | None, budget: float) -> None:
-    """Serve ``row`` at each batch size with its fastest runtime whose own top-1 is within
-    ``budget`` of the fp32 baseline, in place: ``runtime`` becomes {batch: runtime} and the
-    latency fields hold that runtime's figures (``runtimes`` keeps every runtime's). A row
-    measured in TorchScript only, or without a baseline, keeps TorchScript."""
-    forms = row.get("runtimes") or {}
-    usable = {rt: m for rt, m in forms.items() if rt == "torchscript" or (
-        baseline_accuracy is not None and baseline_accuracy - m["accuracy_top1"] <= budget + 1e-12)}
-    row["runtime"] = {}
-    for batch in list(row.get("latency_ms_p50", {})):
-        best = min(usable, key=lambda rt: usable[rt]["latency_ms_p50"][batch], default="torchscript")
-        row["runtime"][batch] = best
-        if best != "torchscript":
-            for f in LATENCY_FIELDS:
-                row[f] = {**row[f], batch: usable[best][f][batch]}
-
-
-def select(variants: list[dict], budget: float, batch: str) -> tuple[str | None, str]:
-    """The fastest variant at ``batch`` whose top-1 drop vs its fp32 baseline (each row's
-    ``accuracy_drop``, set by the report stage) is within ``budget``."""
-    measured = [v for v in variants if v.get("accuracy_top1") is not None]
-    if measured and all(v.get("accuracy_drop") is None for v in measured):
-        return None, "no fp32 baseline was measured"
-    ok = [v for v in measured if v.get("accuracy_drop") is not None and v["accuracy_drop"] <= budget + 1e-12]
-    if not ok:
-        return None, f"no variant is within the accuracy budget of {budget:.4f}"
-    best = min(ok, key=lambda v: v["latency_ms_p50"][batch])
-    runtime = (best.get("runtime") or {}).get(batch, "torchscript")
-    return best["name"], (f"fastest at batch {batch} ({best['latency_ms_p50'][batch]:.2f} ms p50 on {runtime}) "
-                          f"among {len(ok)} variant(s) within the accuracy budget of {budget:.4f}")
-
-
-def per_batch(variants: list[dict], budget: float, batch_sizes: list) -> dict[str, dict[str, Any]]:
-    """For each batch size, what to deploy: the selected variant, the runtime that serves it and
-    its p50 (batch sizes where nothing is within the budget are left out)."""
-    out = {}
-    for b in (str(b) for b in batch_sizes):
-        name, _ = select(variants, budget, b)
-        if name is not None:
-            row = next(v for v in variants if v["name"] == name)
-            out[b] = {"variant": name, "runtime": (row.get("runtime") or {}).get(b, "torchscript"),
-                      "latency_ms_p50": row["latency_ms_p50"][b]}
-    return out
-
-
-def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f} MB"
-
-
-def _latency_cell(row: dict[str, Any], batch: str) -> str:
-    runtime = (row.get("runtime") or {}).get(batch, "torchscript")
-    return f"{row['latency_ms_p50'][batch]:.2f}" + ("" if runtime == "torchscript" else f" ({runtime})")
+# the selection policy lives in pipeline.summary; its names stay importable from here (redundant aliases)
+from pipeline.summary import choose_runtimes as choose_runtimes
+from pipeline.summary import entry as entry
+from pipeline.summary import per_batch as per_batch
+from pipeline.summary import select as select
 
 
 def table(summary: dict[str, Any]) -> list[list[str]]:
@@ -135,6 +75,22 @@ def text_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+
+
+def layer_matrix(layers: dict[str, list[dict]]) -> tuple[list[str], list[tuple[str, list[str], list[str | None]]]]:
+    """The per-layer table of every variant side by side: (variant names, rows), where a row is
+    (layer, its distinct module types, its precision in each variant or None where absent)."""
+    names = [n for n, rows in layers.items() if rows]
+    order: dict[str, tuple[list[str], dict[str, str]]] = {}
+    for n in names:
+        for r in layers[n]:
+            types, cells = order.setdefault(str(r["layer"]), ([], {}))
+            if str(r["type"]) not in types:
+                types.append(str(r["type"]))
+            cells[n] = str(r["precision"])
+    return names, [(layer, types, [cells.get(n) for n in names]) for layer, (types, cells) in order.items()]
+
+
 CAPTIONS = {
     "accuracy_latency": "Top-1 against p50 latency at batch {batch} for every measured model. The green step line "
                         "is the Pareto front (no other model is both faster and more accurate), the dotted line "
@@ -155,18 +111,21 @@ CAPTIONS = {
 }
 
 
-def layer_matrix(layers: dict[str, list[dict]]) -> tuple[list[str], list[tuple[str, list[str], list[str | None]]]]:
-    """The per-layer table of every variant side by side: (variant names, rows), where a row is
-    (layer, its distinct module types, its precision in each variant or None where absent)."""
-    names = [n for n, rows in layers.items() if rows]
-    order: dict[str, tuple[list[str], dict[str, str]]] = {}
-    for n in names:
-        for r in layers[n]:
-            types, cells = order.setdefault(str(r["layer"]), ([], {}))
-            if str(r["type"]) not in types:
-                types.append(str(r["type"]))
-            cells[n] = str(r["precision"])
-    return names, [(layer, types, [cells.get(n) for n in names]) for layer, (types, cells) in order.items()]
+SENSITIVITY_ROWS = 10  # layers listed per variant in the report's sensitivity table
+NUMERIC = {"top-1", "drop vs fp32", "size", "int8/fp32 layers"}  # right-aligned in HTML, with the p50 columns
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _latency_cell(row: dict[str, Any], batch: str) -> str:
+    runtime = (row.get("runtime") or {}).get(batch, "torchscript")
+    return f"{row['latency_ms_p50'][batch]:.2f}" + ("" if runtime == "torchscript" else f" ({runtime})")
+
+
+def _ms(value: float) -> str:
+    return f"{value:+.2f} ms"
 
 
 def _counts(rows: list[dict]) -> tuple[int, int]:
@@ -174,69 +133,148 @@ def _counts(rows: list[dict]) -> tuple[int, int]:
     return int8, len(rows) - int8
 
 
-def _not_plotted(summary: dict[str, Any]) -> list[str]:
-    missing = [f"fp32@{arch}" for arch, b in (summary.get("baselines") or {}).items() if not b]
-    return missing + [str(v["name"]) for v in summary.get("variants", []) if v.get("accuracy_top1") is None]
-
-
 def _caption(kind: str, summary: dict[str, Any]) -> str:
     if kind == "accuracy_latency" and is_sweep(summary):
         kind = "accuracy_latency_sweep"
     text = CAPTIONS[kind].format(batch=selection_batch(summary), budget=summary.get("accuracy_budget") or 0.0)
-    missing = _not_plotted(summary)
+    missing = not_measured(summary)
     if missing and kind != "training":
         text += f" Not shown (no result): {', '.join(missing)}."
     return text
 
 
-SENSITIVITY_ROWS = 10  # layers listed per variant in the report's sensitivity table
+# ------------------------------------------------------------------------------ the document
+
+@dataclass(frozen=True)
+class Span:
+    """A run of text in a paragraph or list item. ``style``: "" (plain), "code", "strong",
+    "status" (the run's status: a coloured badge in HTML, bold in Markdown), "error" (red in
+    HTML) or "link" (to the file of that name next to the report; a link in HTML only)."""
+    text: str
+    style: str = ""
 
 
-def trained_on(summary: dict[str, Any]) -> str:
-    """Where each trained model (fp32, QAT variants) trained, from its epochs' history: the
-    device's name (a GPU's, or cpu), its type and the precision; empty when nothing trained."""
-    parts = []
-    for name, epochs in (summary.get("history") or {}).items():
-        seen: list[str] = []
-        for h in epochs:
-            kind = ", ".join(str(v) for v in (h.get("device"), h.get("precision")) if v)
-            where = f"{h.get('device_name') or h.get('device') or 'unknown'}" + (f" ({kind})" if kind else "")
-            if where not in seen:
-                seen.append(where)
-        if seen:
-            parts.append(f"{name}: {' then '.join(seen)}")
-    return "; ".join(parts)
+@dataclass(frozen=True)
+class Cell:
+    """A table cell. ``css`` is its HTML class (num, int8, fp32, absent); ``code`` shows it as
+    code in HTML; ``sub`` is a second line of a header cell in HTML."""
+    text: str
+    css: str = ""
+    code: bool = False
+    sub: str = ""
 
 
-def _ms(value: float) -> str:
-    return f"{value:+.2f} ms"
+@dataclass(kw_only=True)
+class Block:
+    """What every block has: its HTML class, ``only`` ("md" or "html": shown in that output
+    alone, for what one medium says its own way), and ``fold``: in HTML, the block sits in a
+    ``<details>`` with this summary, open if ``open``."""
+    css: str = ""
+    only: str = ""
+    fold: str = ""
+    open: bool = False
 
 
-def sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """The report's sections about layers, as (title, paragraphs, table rows with a header):
-    what the accuracy-budget fallback did for each variant that asked for it, and each sensitivity
-    analysis's most sensitive layers. Plain text: the Markdown and HTML writers escape it."""
+@dataclass(kw_only=True)
+class Paragraph(Block):
+    kind = "paragraph"
+    spans: list[Span]
+
+
+@dataclass(kw_only=True)
+class Items(Block):
+    kind = "list"
+    items: list[list[Span]]
+
+
+@dataclass(kw_only=True)
+class Table(Block):
+    kind = "table"
+    header: list[Cell]
+    rows: list[list[Cell]]
+    row_css: list[str] = field(default_factory=list)  # each row's HTML class, if any
+
+
+@dataclass(kw_only=True)
+class Figure(Block):
+    kind = "figure"
+    src: str  # a file next to the report
+    alt: str
+    caption: str
+
+
+@dataclass
+class Section:
+    title: str  # empty: no heading
+    blocks: list[Block]
+    level: int = 2
+
+
+def _text(text: Any) -> Paragraph:
+    return Paragraph(spans=[Span(str(text))])
+
+
+def _table(rows: list[list[str]], **kw: Any) -> Table:
+    """A table of plain cells from rows of strings, the first of them the header."""
+    return Table(header=[Cell(h) for h in rows[0]], rows=[[Cell(c) for c in r] for r in rows[1:]], **kw)
+
+
+def _variant_table(summary: dict[str, Any]) -> Table:
+    rows = table(summary)
+    header = rows[0]
+    numeric = [h in NUMERIC or h.startswith("p50") for h in header]
+    selected, top1 = header.index("selected"), header.index("top-1")
+    return Table(css="variants", header=[Cell(h) for h in header],
+                 rows=[[Cell(c, "num" if n else "") for c, n in zip(r, numeric, strict=True)] for r in rows[1:]],
+                 row_css=["selected" if r[selected] == "*" else "failed" if r[top1] == "FAILED" else ""
+                          for r in rows[1:]])
+
+
+def _overview(summary: dict[str, Any]) -> Section:
+    """The report's head: the run and its status, the data, the variant table and the selection."""
+    data = summary.get("data") or {}
+    blocks: list[Block] = [
+        Paragraph(spans=[Span("Run "), Span(str(summary.get("run_id", "")), "code"), Span(": "),
+                         Span(str(summary.get("status", "")), "status"), Span(".")]),
+        _text(f"Data: {data.get('classes')} classes, {data.get('train')} training and {data.get('val')} "
+              f"validation images, {len(data.get('skipped') or [])} file(s) skipped."),
+    ]
+    if data.get("notes"):
+        blocks.append(Items(css="notes", items=[[Span(str(n))] for n in data["notes"]]))
+    if trained_on(summary):
+        blocks.append(_text(f"Trained on: {trained_on(summary)}."))
+    if data.get("class_names"):
+        names = [s for c in data["class_names"] for s in (Span(", "), Span(str(c), "code"))][1:]
+        blocks.append(Paragraph(only="html", fold=f"Classes ({len(data['class_names'])})", spans=names))
+    blocks.append(_variant_table(summary))
+    blocks.append(Paragraph(spans=[Span("Selected: "), Span(str(summary.get("selected") or "none"), "strong"),
+                                   Span(f": {summary.get('selection_reason', '')}")]))
+    return Section(f"qpipe report: {summary.get('name', '')}", blocks, level=1)
+
+
+def _layer_sections(summary: dict[str, Any]) -> list[Section]:
+    """What the accuracy-budget fallback did for each variant that asked for it, each variant's
+    runtimes, and each sensitivity analysis's most sensitive layers."""
     out = []
+    batches = [str(b) for b in summary.get("batch_sizes", [])]
     fallbacks = [v for v in summary.get("variants", []) if v.get("fallback")]
     if fallbacks:
         text = []
         rows = [["variant", "budget met", "kept fp32", "top-1 drop", "layers tried"] +
-                [f"latency cost @{b}" for b in summary.get("batch_sizes", [])]]
+                [f"latency cost @{b}" for b in batches]]
         for v in fallbacks:
             fb = v["fallback"]
             text.append(f"{v['name']}: {fb['message']}." + (f" Kept in fp32: {', '.join(fb['kept_fp32'])}."
                                                              if fb["kept_fp32"] else ""))
             cost = fb.get("latency_cost_ms") or {}
             rows.append([v["name"], "yes" if fb["met"] else "NO", str(len(fb["kept_fp32"])), f"{fb['drop']:+.4f}",
-                         str(len(fb["tried"]))] +
-                        [_ms(cost[str(b)]) if str(b) in cost else "-" for b in summary.get("batch_sizes", [])])
+                         str(len(fb["tried"]))] + [_ms(cost[b]) if b in cost else "-" for b in batches])
         text.append("Latency cost: the variant's p50 minus that of the same model with every layer int8, both "
                     "timed by the benchmark stage in the same task.")
-        out.append(("Accuracy-budget fallback", text, rows))
+        out.append(Section("Accuracy-budget fallback", [*map(_text, text), _table(rows)]))
     measured = [v for v in summary.get("variants", []) if v.get("runtimes") and len(v["runtimes"]) > 1
                 or v.get("skipped_runtimes")]
     if measured:
-        batches = [str(b) for b in summary.get("batch_sizes", [])]
         rows = [["variant", "runtime", "top-1"] + [f"p50 ms @{b}" for b in batches] + ["size", "serves"]]
         text = ["Each static variant runs as its TorchScript file in PyTorch and as its ONNX QDQ export (the same "
                 "int8 model) on ONNX Runtime and OpenVINO. At each batch size the variant is served by its fastest "
@@ -249,29 +287,78 @@ def sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
                             [_mb(m.get("size_bytes")), ", ".join(f"@{b}" for b in serves) or "-"])
             for rt, why in (v.get("skipped_runtimes") or {}).items():
                 text.append(f"{v['name']} on {rt}: skipped: {why}")
-        out.append(("Runtimes", text, rows))
+        out.append(Section("Runtimes", [*map(_text, text), _table(rows)]))
     for names, v in sensitivity_groups(summary):
         sens = v["sensitivity"]
         rows = [["rank", "layer", "top-1 drop alone", "SQNR alone (dB)", "top-1 recovered if kept fp32"]]
         rows += [[str(r["rank"]), r["layer"], f"{r['drop_top1']:+.4f}",
                   "exact" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}", f"{r['recovered_top1']:+.4f}"]
                  for r in sens["ranking"][:SENSITIVITY_ROWS]]
-        text = [f"{len(sens['ranking'])} layers measured in {sens['parts']} parts on {sens['val_images']} validation "
+        text = (f"{len(sens['ranking'])} layers measured in {sens['parts']} parts on {sens['val_images']} validation "
                 f"images: fp32 top-1 {sens['fp32_accuracy']:.4f}, all int8 {sens['int8_accuracy']:.4f}. "
                 f"The {min(SENSITIVITY_ROWS, len(sens['ranking']))} most sensitive are listed; the variant's "
-                "benchmark manifest holds every layer."]
-        out.append((f"Layer sensitivity: {', '.join(names)}", text, rows))
+                "benchmark manifest holds every layer.")
+        out.append(Section(f"Layer sensitivity: {', '.join(names)}", [_text(text), _table(rows)]))
     return out
 
 
-# ------------------------------------------------------------------------------------ Markdown
+def _layer_table(layers: dict[str, list[dict]]) -> list[Section]:
+    names, matrix = layer_matrix(layers)
+    if not names:
+        return []
+    counts = [_counts(layers[n]) for n in names]
+    header = [Cell("layer"), Cell("type")] + [Cell(n, sub=f"{i} int8, {f} fp32")
+                                              for n, (i, f) in zip(names, counts, strict=True)]
+    rows = [[Cell(layer, code=True), Cell(", ".join(types))] +
+            [Cell("-", "absent") if p is None else Cell(p, "int8" if p.startswith("int8") else "fp32")
+             for p in precisions] for layer, types, precisions in matrix]
+    in_words = "; ".join(f"{n}: {i} int8, {f} fp32" for n, (i, f) in zip(names, counts, strict=True)) + "."
+    # the counts head each column in HTML; a Markdown header cell has no second line
+    return [Section("Layers: int8 or fp32 in each variant",
+                    [Paragraph(only="md", spans=[Span(in_words)]), Table(css="layers", header=header, rows=rows)])]
 
-def _cell(text: Any) -> str:
-    """Text safe inside a Markdown table cell."""
+
+def document(summary: dict[str, Any], layers: dict[str, list[dict]]) -> list[Section]:
+    """Everything the report says, in order: the overview, the pictures (``summary["plots"]``,
+    by relative path) and any that could not be drawn, the failures, the fallback, runtime and
+    sensitivity tables, the per-layer int8/fp32 table, skipped files and artifact locations."""
+    out = [_overview(summary)]
+    for kind in FILES:
+        if kind in (summary.get("plots") or {}):
+            out.append(Section(TITLES[kind], [Figure(src=FILES[kind], alt=TITLES[kind],
+                                                     caption=_caption(kind, summary))]))
+    errors = [Paragraph(css="error", spans=[Span(f"The {TITLES.get(kind, kind).lower()} plot could not be drawn: "
+                                                 f"{err}")])
+              for kind, err in (summary.get("plot_errors") or {}).items()]
+    if errors:
+        out.append(Section("", errors))
+    if summary.get("failures"):
+        out.append(Section("Failures", [Items(css="failures", items=[
+            [Span(str(f["stage"]), "code"), Span(f" ({f.get('variant') or '-'}): "), Span(str(f["error"]), "error")]
+            for f in summary["failures"]])]))
+    out += _layer_sections(summary)
+    out += _layer_table(layers)
+    skipped = (summary.get("data") or {}).get("skipped") or []
+    if skipped:
+        out.append(Section("Skipped files", [Items(fold=f"{len(skipped)} file(s)", open=True, items=[
+            [Span(str(s["file"]), "code"), Span(f": {s['reason']}")] for s in skipped[:200]])]))
+    out.append(Section("Artifacts", [
+        Paragraph(only="html", spans=[Span("Next to this page: "), Span("summary.json", "link"), Span(" and "),
+                                      Span("report.md", "link"), Span(".")]),
+        Items(items=[[Span(f"{v['name']}: "), Span(str(v["artifact"]), "code"), Span(" (manifest "),
+                      Span(str(v["manifest"]), "code"), Span(")")] for v in ordered(summary) if v.get("artifact")]),
+    ]))
+    return out
+
+
+# ------------------------------------------------------------------------------ the writers
+
+def md_cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell (and anywhere else in a line)."""
     return " ".join(str(text).split("\n")).replace("|", "\\|")
 
 
-def _code(text: Any) -> str:
+def md_code(text: Any) -> str:
     """A Markdown code span holding ``text`` literally, whatever backticks it contains."""
     text = " ".join(str(text).split("\n"))
     fence = "`"
@@ -280,157 +367,28 @@ def _code(text: Any) -> str:
     return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
 
 
+@cache
+def templates() -> jinja2.Environment:
+    """The report's templates (``pipeline/templates``, shipped as package data). Autoescape is
+    on for ``*.html.j2`` (and for any other name), off for ``*.md.j2``, whose text goes through
+    the ``cell`` and ``code`` filters instead. An undefined name is an error, not blank text."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), disabled_extensions=("md.j2",),
+                                            default_for_string=True, default=True),
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["cell"] = md_cell
+    env.filters["code"] = md_code
+    return env
+
+
 def markdown(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
-    """``report.md``: the variant table, the pictures (``summary["plots"]``, relative paths), the
-    failures, the per-layer int8/fp32 table, skipped files and artifact locations."""
-    rows = table(summary)
-    out = [f"# qpipe report: {_cell(summary['name'])}", "",
-           f"Run {_code(summary['run_id'])}: **{summary['status']}**.", ""]
-    data = summary.get("data") or {}
-    out += [f"Data: {data.get('classes')} classes, {data.get('train')} training and {data.get('val')} "
-            f"validation images, {len(data.get('skipped') or [])} file(s) skipped.", ""]
-    if trained_on(summary):
-        out += [f"Trained on: {_cell(trained_on(summary))}.", ""]
-    out += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows[1:]]
-    out += ["", f"Selected: **{_cell(summary.get('selected') or 'none')}**: {summary.get('selection_reason', '')}", ""]
-    for kind in FILES:
-        if kind in (summary.get("plots") or {}):
-            out += [f"## {TITLES[kind]}", "", f"![{TITLES[kind]}]({FILES[kind]})", "", _caption(kind, summary), ""]
-    for kind, err in (summary.get("plot_errors") or {}).items():
-        out += [f"The {TITLES.get(kind, kind).lower()} plot could not be drawn: {_cell(err)}", ""]
-    if summary.get("failures"):
-        out += ["## Failures", ""] + [f"- {_code(f['stage'])} ({_cell(f.get('variant') or '-')}): {_cell(f['error'])}"
-                                      for f in summary["failures"]] + [""]
-    for title, text, rows in sections(summary):
-        out += [f"## {_cell(title)}", ""] + [_cell(t) + "\n" for t in text]
-        out += ["| " + " | ".join(_cell(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
-        out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows[1:]] + [""]
-    names, matrix = layer_matrix(layers)
-    if names:
-        counts = [_counts(layers[n]) for n in names]
-        out += ["## Layers: int8 or fp32 in each variant", "",
-                "; ".join(f"{_cell(n)}: {i} int8, {f} fp32" for n, (i, f) in zip(names, counts, strict=True)) + ".",
-                "", "| layer | type | " + " | ".join(_cell(n) for n in names) + " |",
-                "|" + "---|" * (len(names) + 2)]
-        out += [f"| {_cell(layer)} | {_cell(', '.join(types))} | " + " | ".join(p or "-" for p in precisions) + " |"
-                for layer, types, precisions in matrix] + [""]
-    if data.get("skipped"):
-        out += ["## Skipped files", ""] + [f"- {_code(s['file'])}: {_cell(s['reason'])}"
-                                           for s in data["skipped"][:200]] + [""]
-    out += ["## Artifacts", ""]
-    for v in ordered(summary):
-        if v.get("artifact"):
-            out.append(f"- {_cell(v['name'])}: {_code(v['artifact'])} (manifest {_code(v['manifest'])})")
-    return "\n".join(out) + "\n"
-
-
-# ---------------------------------------------------------------------------------------- HTML
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#111827;
- margin:2rem auto;max-width:70rem;padding:0 1rem;line-height:1.45}
-h1{font-size:1.5rem;margin-bottom:.25rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #e5e7eb}
-code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.85em;background:#f3f4f6;
- padding:0 .2em;border-radius:3px;word-break:break-all}
-table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}
-th,td{border:1px solid #d1d5db;padding:.2rem .5rem;text-align:left;vertical-align:top}
-th{background:#f3f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.selected td{background:#fee2e2;font-weight:600}tr.failed td{color:#991b1b}
-td.int8{background:#dcfce7}td.fp32{background:#fef3c7}td.absent{color:#9ca3af}
-.status{display:inline-block;padding:.05rem .5rem;border-radius:999px;font-weight:600;color:#fff}
-.status-SUCCESS{background:#16a34a}.status-FAILED{background:#dc2626}.status-CANCELLED{background:#6b7280}
-figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #e5e7eb}
-figcaption{font-size:.85rem;color:#4b5563;max-width:48rem}
-.error{color:#991b1b}ul.failures li{margin:.2rem 0}details{margin:.5rem 0}
-"""
-
-# scripts, plugins, frames and fonts from anywhere are refused; pictures only from the report's own place
-CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
-
-NUMERIC = {"top-1", "drop vs fp32", "size", "int8/fp32 layers"}
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    """``report.md``: the sections of ``document`` in Markdown, the pictures by relative path."""
+    return templates().get_template("report.md.j2").render(sections=document(summary, layers)).rstrip("\n") + "\n"
 
 
 def html_page(summary: dict[str, Any], layers: dict[str, list[dict]]) -> str:
-    """``report.html``: the same content as ``markdown``, as one page with inline CSS and no script.
-    Every string that comes from the user, the data or an error (names, class names, file names,
-    messages, URIs) is HTML-escaped."""
-    rows = table(summary)
-    status = str(summary.get("status", ""))
-    status_class = status if status in ("SUCCESS", "FAILED", "CANCELLED") else "OTHER"
-    title = f"qpipe report: {summary.get('name', '')}"
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{_e(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
-           f"<h1>{_e(title)}</h1>",
-           f'<p>Run <code>{_e(summary.get("run_id", ""))}</code>: '
-           f'<span class="status status-{status_class}">{_e(status)}</span></p>']
-    data = summary.get("data") or {}
-    out.append(f"<p>Data: {_e(data.get('classes'))} classes, {_e(data.get('train'))} training and "
-               f"{_e(data.get('val'))} validation images, {len(data.get('skipped') or [])} file(s) skipped.</p>")
-    if trained_on(summary):
-        out.append(f"<p>Trained on: {_e(trained_on(summary))}.</p>")
-    if data.get("class_names"):
-        out.append(f"<details><summary>Classes ({len(data['class_names'])})</summary><p>" +
-                   ", ".join(f"<code>{_e(c)}</code>" for c in data["class_names"]) + "</p></details>")
-    header = rows[0]
-    out.append('<table class="variants"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in header) +
-               "</tr></thead><tbody>")
-    selected_col = header.index("selected")
-    for r in rows[1:]:
-        cls = "selected" if r[selected_col] == "*" else "failed" if r[header.index("top-1")] == "FAILED" else ""
-        cells = "".join(f'<td class="num">{_e(c)}</td>' if h in NUMERIC or h.startswith("p50") else f"<td>{_e(c)}</td>"
-                        for h, c in zip(header, r, strict=True))
-        out.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
-    out.append("</tbody></table>")
-    out.append(f"<p>Selected: <strong>{_e(summary.get('selected') or 'none')}</strong>: "
-               f"{_e(summary.get('selection_reason', ''))}</p>")
-    for kind in FILES:
-        if kind in (summary.get("plots") or {}):
-            out += [f"<h2>{_e(TITLES[kind])}</h2>",
-                    f'<figure><img src="{_e(FILES[kind])}" alt="{_e(TITLES[kind])}">'
-                    f"<figcaption>{_e(_caption(kind, summary))}</figcaption></figure>"]
-    for kind, err in (summary.get("plot_errors") or {}).items():
-        out.append(f'<p class="error">The {_e(TITLES.get(kind, kind).lower())} plot could not be drawn: '
-                   f"{_e(err)}</p>")
-    if summary.get("failures"):
-        out.append('<h2>Failures</h2><ul class="failures">')
-        out += [f"<li><code>{_e(f['stage'])}</code> ({_e(f.get('variant') or '-')}): "
-                f'<span class="error">{_e(f["error"])}</span></li>' for f in summary["failures"]]
-        out.append("</ul>")
-    for title, text, rows in sections(summary):
-        out.append(f"<h2>{_e(title)}</h2>")
-        out += [f"<p>{_e(t)}</p>" for t in text]
-        out.append("<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in rows[0]) + "</tr></thead><tbody>")
-        out += ["<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]
-        out.append("</tbody></table>")
-    names, matrix = layer_matrix(layers)
-    if names:
-        counts = [_counts(layers[n]) for n in names]
-        out.append("<h2>Layers: int8 or fp32 in each variant</h2>")
-        out.append('<table class="layers"><thead><tr><th>layer</th><th>type</th>' +
-                   "".join(f"<th>{_e(n)}<br>{i} int8, {f} fp32</th>" for n, (i, f) in zip(names, counts, strict=True)) +
-                   "</tr></thead><tbody>")
-        for layer, types, precisions in matrix:
-            cells = "".join('<td class="absent">-</td>' if p is None else
-                            f'<td class="{"int8" if p.startswith("int8") else "fp32"}">{_e(p)}</td>'
-                            for p in precisions)
-            out.append(f"<tr><td><code>{_e(layer)}</code></td><td>{_e(', '.join(types))}</td>{cells}</tr>")
-        out.append("</tbody></table>")
-    if data.get("skipped"):
-        out.append(f"<h2>Skipped files</h2><details open><summary>{len(data['skipped'])} file(s)</summary><ul>")
-        out += [f"<li><code>{_e(s['file'])}</code>: {_e(s['reason'])}</li>" for s in data["skipped"][:200]]
-        out.append("</ul></details>")
-    out.append('<h2>Artifacts</h2><p>Next to this page: <a href="summary.json">summary.json</a> and '
-               '<a href="report.md">report.md</a>.</p><ul>')
-    for v in ordered(summary):
-        if v.get("artifact"):
-            out.append(f"<li>{_e(v['name'])}: <code>{_e(v['artifact'])}</code> "
-                       f"(manifest <code>{_e(v['manifest'])}</code>)</li>")
-    out += ["</ul>", "</body>", "</html>"]
-    return "\n".join(out) + "\n"
+    """``report.html``: the same sections as ``markdown``, as one page with inline CSS, a content
+    security policy that refuses scripts and anything from elsewhere, and every string escaped."""
+    sections = document(summary, layers)
+    return templates().get_template("report.html.j2").render(title=sections[0].title, sections=sections)

@@ -7,6 +7,7 @@ Chromium and checks that every picture loads and that hostile names stay text.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import html
 import json
 import os
@@ -16,11 +17,13 @@ import signal
 import struct
 import subprocess
 import time
+import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+from pipeline.data import calibration_note
 from pipeline.plots import FILES, accuracy_latency, pareto_front, render_all, sizes, training
 from pipeline.report import html_page, layer_matrix, markdown
 from pipeline.stages import execute, manifest_key
@@ -36,6 +39,7 @@ HOSTILE = {
     "reason": "not an image: <iframe src=\"javascript:alert(1)\"></iframe>",
     "error": "<svg onload=alert(1)> failed & stopped",
     "layer": "layer1.<i>0</i>.conv1",
+    "note": "data.calib_size <b>is</b> more than the <em>training</em> images & more",
 }
 
 
@@ -81,7 +85,7 @@ def make_summary() -> dict:
         "selected": "ptq-minmax", "selection_reason": "fastest at batch 1", "accuracy_budget": 0.01,
         "batch_sizes": [1, 8],
         "data": {"classes": 2, "class_names": [HOSTILE["class"], HOSTILE["class2"]], "train": 80, "val": 20,
-                 "skipped": [{"file": HOSTILE["file"], "reason": HOSTILE["reason"]}]},
+                 "skipped": [{"file": HOSTILE["file"], "reason": HOSTILE["reason"]}], "notes": [HOSTILE["note"]]},
         "failures": [{"stage": "quantize", "variant": "broken", "error": HOSTILE["error"]}],
         "history": {"fp32": epochs(3, 2.0, 0.5), "qat": epochs(2, 0.4, 0.8)},
     }
@@ -270,6 +274,16 @@ def test_markdown_shows_the_pictures_and_the_layer_table() -> None:
     assert "![" not in markdown(s, LAYERS)
 
 
+def test_every_report_template_ships_as_package_data() -> None:
+    """An installed qpipe reads its templates from the package: each one in pipeline/templates
+    must match the package-data globs in pyproject.toml, or the wheel leaves it out."""
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pipeline"]
+    found = sorted(p.relative_to(root / "pipeline").as_posix() for p in (root / "pipeline" / "templates").iterdir())
+    assert {"templates/report.html.j2", "templates/report.md.j2"} <= set(found)
+    assert all(any(fnmatch.fnmatch(f, g) for g in globs) for f in found), (found, globs)
+
+
 def test_layer_matrix_lines_up_variants_with_different_layers() -> None:
     names, rows = layer_matrix({"a": [{"layer": "x", "type": "Conv2d", "precision": "int8"}],
                                 "b": [{"layer": "y", "type": "Linear", "precision": "fp32"},
@@ -299,7 +313,8 @@ def stage_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     two static variants, QAT with training curves, and a variant whose benchmark never came."""
     store = FileStore(tmp_path_factory.mktemp("store"))
     data = {"stage": "ingest", "key": "data0", "classes": [HOSTILE["class"], "cat"],
-            "sizes": {"train": 80, "val": 20}, "skipped": [{"file": HOSTILE["file"], "reason": HOSTILE["reason"]}]}
+            "sizes": {"train": 80, "val": 20}, "skipped": [{"file": HOSTILE["file"], "reason": HOSTILE["reason"]}],
+            "notes": [calibration_note(1000, 80)]}
     store.put_json(manifest_key("ingest", "data0"), data)
     benches = {
         "fp32": _bench_manifest("b-fp32", "fp32", "fp32", 0.95, 5.0, 44_000_000, history=epochs(3, 2.0, 0.4)),
@@ -346,6 +361,20 @@ def test_report_stage_stores_html_and_pictures_next_to_the_markdown(stage_run: d
     assert html.escape(HOSTILE["error"]) in page and HOSTILE["error"] not in page
     md = store.get_bytes(f"{folder}/report.md").decode()
     assert "](training.png)" in md and "gone" in md
+
+
+def test_report_shows_the_notes_of_the_ingest(stage_run: dict) -> None:
+    """The ingest's notes (here: calib_size over the training split) reach the summary's data
+    and both documents; a run without notes has no notes list."""
+    store, s = stage_run["store"], stage_run["summary"]
+    note = "data.calib_size=1000 is more than the 80 training images: calibrated on all 80; set data.calib_size " \
+           "to 80 or less, or add images"
+    assert s["data"]["notes"] == [note]
+    assert f"- {note}" in store.get_bytes("runs/demo-1/report.md").decode().splitlines()
+    assert f'<ul class="notes">\n<li>{note}</li>\n</ul>' in store.get_bytes("runs/demo-1/report.html").decode()
+    quiet = make_summary()
+    del quiet["data"]["notes"]
+    assert "- data.calib_size" not in markdown(quiet, {}) and 'class="notes"' not in html_page(quiet, {})
 
 
 def _run_chromium(url: str, profile: Path, timeout: float = 90) -> str:

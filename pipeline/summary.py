@@ -1,0 +1,237 @@
+"""The run summary: joining every benchmark into one document, and the selection policy that
+answers the run's question (which variant to deploy, on which runtime, at each batch size).
+
+This module decides; ``pipeline.report`` and ``pipeline.plots`` only show what it decided. The
+summary is plain JSON (``summary.json``): ``baseline`` (the fp32 row), ``variants`` (one row per
+quantized variant, ``accuracy_top1`` None where it failed), ``selected`` and its reason,
+``selection_per_batch``, ``data``, ``failures`` and the training ``history``.
+
+In a sweep (plan entries with an ``arch``) there is one fp32 baseline per arch, under
+``baselines``; ``baseline`` stays the first arch's. Each row is named like its plan node
+(``variant@arch``), carries its ``variant``, ``arch`` and ``set``, and its ``accuracy_drop`` is
+against its own arch's fp32, which is what the selection reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LATENCY_FIELDS = ("latency_ms_p50", "latency_ms_p95", "throughput_ips")
+TOLERANCE = 1e-12  # a drop exactly on the budget is within it, whatever the float rounding
+
+
+# ------------------------------------------------------------------------------ reading a summary
+
+def selection_batch(summary: dict[str, Any]) -> str | None:
+    """The batch size whose latency chose the variant (the first of ``benchmark.batch_sizes``)."""
+    sizes = summary.get("batch_sizes") or []
+    return str(sizes[0]) if sizes else None
+
+
+def is_sweep(summary: dict[str, Any]) -> bool:
+    return "baselines" in summary
+
+
+def baseline_of(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | None:
+    """The fp32 row that ``row`` is compared with: its arch's in a sweep, else the baseline."""
+    if is_sweep(summary):
+        return summary["baselines"].get(row.get("arch"))
+    return summary.get("baseline")
+
+
+def is_baseline(summary: dict[str, Any], row: dict[str, Any]) -> bool:
+    return row.get("method") == "fp32" if is_sweep(summary) else row is summary.get("baseline")
+
+
+def ordered(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The measured baselines and every variant row: the baseline first, or in a sweep each
+    arch's baseline followed by that arch's variants."""
+    variants = list(summary.get("variants", []))
+    if not is_sweep(summary):
+        base = summary.get("baseline")
+        return ([base] if base else []) + variants
+    rows = []
+    for arch, base in summary["baselines"].items():
+        rows += ([base] if base else []) + [v for v in variants if v.get("arch") == arch]
+    return rows
+
+
+def measured(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The baselines (if measured) and every variant that has results, in ``ordered`` order."""
+    return [r for r in ordered(summary) if r.get("accuracy_top1") is not None]
+
+
+def not_measured(summary: dict[str, Any]) -> list[str]:
+    """Names of the baselines and variants without a result, as the report lists them."""
+    missing = [f"fp32@{arch}" for arch, b in (summary.get("baselines") or {}).items() if not b]
+    return missing + [str(v["name"]) for v in summary.get("variants", []) if v.get("accuracy_top1") is None]
+
+
+def sensitivity_groups(summary: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
+    """Variants with a sensitivity analysis, those with the same analysis (the same calibration
+    and conversion: the plan shares their parts) grouped: [(names, first such variant)]."""
+    groups: list[tuple[list[str], dict[str, Any]]] = []
+    for v in summary.get("variants", []):
+        if not v.get("sensitivity"):
+            continue
+        same = next((g for g in groups if g[1]["sensitivity"] == v["sensitivity"]), None)
+        if same:
+            same[0].append(str(v["name"]))
+            if v.get("fallback") and not same[1].get("fallback"):
+                groups[groups.index(same)] = (same[0], v)  # show what the fallback kept
+        else:
+            groups.append(([str(v["name"])], v))
+    return groups
+
+
+def trained_on(summary: dict[str, Any]) -> str:
+    """Where each trained model (fp32, QAT variants) trained, from its epochs' history: the
+    device's name (a GPU's, or cpu), its type and the precision; empty when nothing trained."""
+    parts = []
+    for name, epochs in (summary.get("history") or {}).items():
+        seen: list[str] = []
+        for h in epochs:
+            kind = ", ".join(str(v) for v in (h.get("device"), h.get("precision")) if v)
+            where = f"{h.get('device_name') or h.get('device') or 'unknown'}" + (f" ({kind})" if kind else "")
+            if where not in seen:
+                seen.append(where)
+        if seen:
+            parts.append(f"{name}: {' then '.join(seen)}")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------ the policy
+
+def entry(bench: dict[str, Any]) -> dict[str, Any]:
+    """A summary row for one benchmarked model, from its benchmark manifest."""
+    m = bench["metrics"]
+    return {
+        "name": bench["name"],
+        "method": bench["method"],
+        "accuracy_top1": m["accuracy_top1"],
+        "latency_ms_p50": m["latency_ms_p50"],
+        "latency_ms_p95": m["latency_ms_p95"],
+        "throughput_ips": m["throughput_ips"],
+        "size_bytes": m["size_bytes"],
+        "int8_layers": bench.get("int8_layers"),
+        "fp32_layers": bench.get("fp32_layers"),
+        "artifact": bench["outputs"]["model"]["uri"],
+        "sha256": bench["outputs"]["model"]["sha256"],
+        "format": bench["format"],
+        "manifest": bench.get("manifest_uri"),
+        **{k: bench[k] for k in ("sensitivity", "fallback", "runtimes", "skipped_runtimes") if bench.get(k)},
+    }
+
+
+def choose_runtimes(row: dict[str, Any], baseline_accuracy: float | None, budget: float) -> None:
+    """Serve ``row`` at each batch size with its fastest runtime whose own top-1 is within
+    ``budget`` of the fp32 baseline, in place: ``runtime`` becomes {batch: runtime} and the
+    latency fields hold that runtime's figures (``runtimes`` keeps every runtime's). A row
+    measured in TorchScript only, or without a baseline, keeps TorchScript."""
+    forms = row.get("runtimes") or {}
+    usable = {rt: m for rt, m in forms.items() if rt == "torchscript" or (
+        baseline_accuracy is not None and baseline_accuracy - m["accuracy_top1"] <= budget + TOLERANCE)}
+    row["runtime"] = {}
+    for batch in list(row.get("latency_ms_p50", {})):
+        best = min(usable, key=lambda rt: usable[rt]["latency_ms_p50"][batch], default="torchscript")
+        row["runtime"][batch] = best
+        if best != "torchscript":
+            for f in LATENCY_FIELDS:
+                row[f] = {**row[f], batch: usable[best][f][batch]}
+
+
+def select(variants: list[dict], budget: float, batch: str) -> tuple[str | None, str]:
+    """The fastest variant at ``batch`` whose top-1 drop vs its fp32 baseline (each row's
+    ``accuracy_drop``, set by ``build``) is within ``budget``."""
+    measured = [v for v in variants if v.get("accuracy_top1") is not None]
+    if measured and all(v.get("accuracy_drop") is None for v in measured):
+        return None, "no fp32 baseline was measured"
+    ok = [v for v in measured if v.get("accuracy_drop") is not None and v["accuracy_drop"] <= budget + TOLERANCE]
+    if not ok:
+        return None, f"no variant is within the accuracy budget of {budget:.4f}"
+    best = min(ok, key=lambda v: v["latency_ms_p50"][batch])
+    runtime = (best.get("runtime") or {}).get(batch, "torchscript")
+    return best["name"], (f"fastest at batch {batch} ({best['latency_ms_p50'][batch]:.2f} ms p50 on {runtime}) "
+                          f"among {len(ok)} variant(s) within the accuracy budget of {budget:.4f}")
+
+
+def per_batch(variants: list[dict], budget: float, batch_sizes: list) -> dict[str, dict[str, Any]]:
+    """For each batch size, what to deploy: the selected variant, the runtime that serves it and
+    its p50 (batch sizes where nothing is within the budget are left out)."""
+    out = {}
+    for b in (str(b) for b in batch_sizes):
+        name, _ = select(variants, budget, b)
+        if name is not None:
+            row = next(v for v in variants if v["name"] == name)
+            out[b] = {"variant": name, "runtime": (row.get("runtime") or {}).get(b, "torchscript"),
+                      "latency_ms_p50": row["latency_ms_p50"][b]}
+    return out
+
+
+def _placed(row: dict, v: dict) -> dict:
+    """``row`` as the plan's entry ``v`` places it: in a sweep, named ``variant@arch``, with its
+    variant, arch and set; without a sweep, unchanged."""
+    if "arch" not in v:
+        return row
+    return {"name": v["name"], "variant": v["name"].removesuffix(f"@{v['arch']}"), "arch": v["arch"],
+            "set": v.get("set")} | {k: x for k, x in row.items() if k != "name"}
+
+
+def build(cfg: dict[str, Any], data: dict[str, Any] | None, benches: dict[str, dict[str, Any]],
+          failures: list[dict[str, Any]], *, run_id: str, cancelled: bool = False) -> dict[str, Any]:
+    """The summary of a run from the report stage's config (``name``, ``accuracy_budget``,
+    ``batch_sizes`` and the plan's ``variants``), the ingest manifest (None if it failed), the
+    benchmark manifests that exist (by variant name) and the failures recorded so far (a
+    variant whose benchmark never came is added to them). Status: CANCELLED if the run was
+    cancelled, FAILED if any baseline or variant has no result, else SUCCESS."""
+    failures = list(failures)
+    budget = cfg["accuracy_budget"]
+    sweep = any("arch" in v for v in cfg["variants"])
+    # arch -> its fp32 row (None if not measured); without a sweep, the one baseline under None
+    baselines = {v.get("arch"): _placed(entry(benches[v["name"]]), v) if v["name"] in benches else None
+                 for v in cfg["variants"] if v["method"] == "fp32"}
+    baseline = next(iter(baselines.values()), None)  # the first arch's
+    variants = []
+    for v in (v for v in cfg["variants"] if v["method"] != "fp32"):
+        base = baselines.get(v.get("arch"))
+        if v["name"] in benches:
+            row = _placed(entry(benches[v["name"]]), v)
+            if base:
+                row["accuracy_drop"] = base["accuracy_top1"] - row["accuracy_top1"]
+            choose_runtimes(row, base["accuracy_top1"] if base else None, budget)
+            variants.append(row)
+        else:
+            variants.append(_placed({"name": v["name"], "method": v["method"], "accuracy_top1": None,
+                                     "status": "FAILED"}, v))
+            if not any(f.get("variant") == v["name"] for f in failures):
+                failures.append({"stage": "benchmark", "variant": v["name"], "error": "no benchmark result"})
+    selected, reason = select(variants, budget, str(cfg["batch_sizes"][0]))
+    if cancelled:
+        status = "CANCELLED"
+    elif failures or None in baselines.values() or any(v.get("accuracy_top1") is None for v in variants):
+        status = "FAILED"
+    else:
+        status = "SUCCESS"
+    return {
+        "run_id": run_id,
+        "name": cfg["name"],
+        "status": status,
+        "baseline": baseline,
+        **({"baselines": baselines} if sweep else {}),
+        "variants": variants,
+        "selected": selected,
+        "selection_reason": reason,
+        "selection_per_batch": per_batch(variants, budget, cfg["batch_sizes"]),
+        "accuracy_budget": budget,
+        "batch_sizes": cfg["batch_sizes"],
+        "data": {
+            "classes": len(data["classes"]) if data else None,
+            "class_names": data["classes"] if data else None,
+            "train": data["sizes"]["train"] if data else None,
+            "val": data["sizes"]["val"] if data else None,
+            "skipped": data["skipped"] if data else [],
+            "notes": data.get("notes", []) if data else [],
+        },
+        "failures": failures,
+        "history": {name: b.get("history", []) for name, b in benches.items() if b.get("history")},
+    }
