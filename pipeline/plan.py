@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.hashing import stage_key
-from pipeline.spec import PipelineSpec, VariantSpec
+from pipeline.spec import PipelineSpec, StaticVariant, VariantSpec
 from pipeline.stages.configs import (
     BenchmarkConfig,
     CalibrateConfig,
@@ -66,7 +66,7 @@ CALIBRATION_STATISTIC = {"minmax": "minmax", "moving_average_minmax": "moving_av
                          "entropy": "histogram"}
 
 
-def calibration_id(v: VariantSpec) -> str:
+def calibration_id(v: StaticVariant) -> str:
     return f"calibrate:{CALIBRATION_STATISTIC[v.observer]}"
 
 
@@ -128,7 +128,7 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
     variants = [(v, set_name) for set_name, vs in sets.items() for v in vs]
     calibrations: dict[str, dict] = {}
     for v, _ in variants:
-        if v.method == "static":
+        if v.CALIBRATED:
             cid = calibration_id(v)
             if cid not in calibrations:
                 calibrations[cid] = _node("calibrate", f"{cid}{at}", CalibrateConfig(
@@ -137,7 +137,7 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
                 nodes.append(calibrations[cid])
     for v, set_name in variants:
         name = f"{v.name}{at}"
-        if v.method == "qat":
+        if v.PRODUCER == "qat":
             producer = _node("qat", f"qat:{name}", QatConfig(
                 variant=v.name, arch=arch, backend=q.backend, epochs=v.epochs, lr=v.lr,
                 batch_size=v.batch_size or f.batch_size, momentum=f.momentum, seed=spec.seed, device=f.device,
@@ -145,7 +145,7 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
         else:
             inputs = {"data": ingest, "model": finetune}
             config: dict[str, Any] = {}
-            if v.method == "static":
+            if v.CALIBRATED:
                 inputs["calibration"] = calibrations[calibration_id(v)]
             if v.sensitivity:
                 parts = [_node("sensitivity", f"sensitivity:{name}:{i}",
@@ -159,9 +159,9 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
             producer = _node("quantize", f"quantize:{name}", QuantizeConfig(
                 variant=v.name, method=v.method, observer=v.observer, per_channel=v.per_channel, backend=q.backend,
                 arch=arch, percentile=v.percentile, bias_correction=v.bias_correction,
-                export_onnx=v.method == "static" and bool(onnx), **config), inputs, variant=name)
+                export_onnx=v.EXPORTS_ONNX and bool(onnx), **config), inputs, variant=name)
         nodes.append(producer)
-        runtimes = onnx if v.method == "static" else []
+        runtimes = onnx if v.EXPORTS_ONNX else []
         benches.append((_node("benchmark", f"benchmark:{name}",
                               BenchmarkConfig(variant=v.name, method=v.method, **bench_cfg, runtimes=runtimes),
                               {"data": ingest, "model": producer}, variant=name), set_name))

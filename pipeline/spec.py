@@ -15,10 +15,18 @@ import re
 import reprlib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from pipeline.errors import SpecError
@@ -138,14 +146,97 @@ class FinetuneSpec(_Strict):
         return self
 
 
-class VariantSpec(_Strict):
+class _Variant(_Strict):
+    """What every variant has. Each method is a class below (``VariantSpec`` is their union, told
+    apart by ``method``) holding its own options and rules; an option of another method is refused
+    by name, and reads as unset on a variant of this one."""
+
+    METHOD: ClassVar[str]
+    # how the plan treats the method: the stage that produces its int8 model, whether it converts
+    # from a stored calibration, whether it can be exported as ONNX QDQ for the other runtimes
+    PRODUCER: ClassVar[str] = "quantize"
+    CALIBRATED: ClassVar[bool] = False
+    EXPORTS_ONNX: ClassVar[bool] = False
+
     name: str
-    method: Literal["static", "dynamic", "qat"]
-    observer: Literal["minmax", "moving_average_minmax", "histogram", "percentile", "mse", "entropy"] | None = None
+    per_channel: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value == "fp32":
+            raise ValueError("'fp32' is the baseline's name: pick another variant name")
+        return _check_name(value, "variant name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_other_methods_options(cls, data: Any) -> Any:
+        """Refuse, naming it, an option that only another method uses (set to its unset value, it
+        is dropped)."""
+        if not isinstance(data, dict):
+            return data
+        own = cls.model_fields
+        name, method = data.get("name"), cls.METHOD
+        foreign = {k: v for k, v in data.items() if k in UNSET_OPTIONS and k not in own}
+        given = {k for k, v in foreign.items() if v is not None and v is not False and v != "none"}
+        if "observer" in given:
+            raise ValueError(f"observer is only used by method: static (variant {name!r} is {method}): remove it")
+        if "percentile" in given:
+            raise ValueError(f"percentile only applies to observer: percentile (variant {name!r} uses no observer): "
+                             "remove it or set observer: percentile")
+        if "bias_correction" in given:
+            raise ValueError(f"bias_correction only applies to method: static (variant {name!r} is {method}): "
+                             "remove it")
+        for option in ("sensitivity", "fallback"):
+            if option in given:
+                raise ValueError(f"{option} only applies to method: static (variant {name!r} is {method}): "
+                                 "remove it, or add a static variant with it")
+        extra = [k for k in ("epochs", "lr", "batch_size") if k in given]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} only apply to method: qat (variant {name!r} is {method}): "
+                             "remove them")
+        return {k: v for k, v in data.items() if k not in foreign}
+
+    def __getattr__(self, name: str) -> Any:
+        # another method's option reads as unset (a dynamic variant's observer is None)
+        if name in UNSET_OPTIONS:
+            return UNSET_OPTIONS[name]
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    @model_serializer(mode="wrap")
+    def _every_option(self, handler: Any) -> dict[str, Any]:
+        # dumped with every method's options (unset where they are not its own), as when one class
+        # held them all: the spec's digest (pipeline.runner.spec_digest) stays what it was
+        return {**UNSET_OPTIONS, **handler(self)}
+
+
+# every method-specific option, with the value it reads as on a variant of another method
+UNSET_OPTIONS: dict[str, Any] = {"observer": None, "percentile": None, "bias_correction": False,
+                                 "sensitivity": False, "fallback": "none", "epochs": None, "lr": None,
+                                 "batch_size": None}
+
+
+class _PerChannelOnly(_Variant):
+    @model_validator(mode="after")
+    def _per_channel(self) -> _PerChannelOnly:
+        if not self.per_channel:
+            raise ValueError(f"{self.METHOD} quantization uses per-channel weights: remove per_channel "
+                             "(per-tensor weights are a method: static option)")
+        return self
+
+
+class StaticVariant(_Variant):
+    """Post-training static quantization: activation ranges from a stored calibration."""
+
+    METHOD: ClassVar[str] = "static"
+    CALIBRATED: ClassVar[bool] = True
+    EXPORTS_ONNX: ClassVar[bool] = True
+
+    method: Literal["static"]
+    observer: Literal["minmax", "moving_average_minmax", "histogram", "percentile", "mse", "entropy"] = "histogram"
     percentile: float | None = Field(
         None, gt=50.0, le=100.0, description="observer: percentile clips activations to this percentile "
         "(and the bottom to 100 minus it); 99.99 by default")
-    per_channel: bool = True
     bias_correction: bool = Field(
         False, description="static only: after conversion, shift each int8 conv/linear bias by its mean "
         "output error against fp32 on the calibration images")
@@ -155,59 +246,57 @@ class VariantSpec(_Strict):
     fallback: Literal["none", "auto"] = Field(
         "none", description="static only: auto keeps the most sensitive layers fp32, fewest first, until the "
         "top-1 drop is within benchmark.accuracy_budget (implies sensitivity)")
-    epochs: int | None = Field(None, ge=1, le=1000)
-    lr: float | None = Field(None, gt=0.0, le=10.0)
-    batch_size: int | None = Field(None, ge=1, le=4096)
 
-    @field_validator("name")
+    @model_validator(mode="before")
     @classmethod
-    def _name(cls, value: str) -> str:
-        if value == "fp32":
-            raise ValueError("'fp32' is the baseline's name: pick another variant name")
-        return _check_name(value, "variant name")
+    def _default_observer(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("observer", 0) is None:  # observer: null means the default
+            data = {k: v for k, v in data.items() if k != "observer"}
+        return data
 
     @model_validator(mode="after")
-    def _fields_fit_method(self) -> VariantSpec:
-        if self.method == "static" and self.observer is None:
-            self.observer = "histogram"
-        if self.method != "static" and self.observer is not None:
-            raise ValueError(
-                f"observer is only used by method: static (variant {self.name!r} is "
-                f"{self.method}): remove it"
-            )
+    def _options_fit(self) -> StaticVariant:
         if self.percentile is not None and self.observer != "percentile":
             raise ValueError(
                 f"percentile only applies to observer: percentile (variant {self.name!r} uses "
-                f"{self.observer or 'no observer'}): remove it or set observer: percentile"
+                f"{self.observer}): remove it or set observer: percentile"
             )
         if self.observer == "percentile" and self.percentile is None:
             self.percentile = DEFAULT_PERCENTILE
-        if self.bias_correction and self.method != "static":
-            raise ValueError(
-                f"bias_correction only applies to method: static (variant {self.name!r} is "
-                f"{self.method}): remove it"
-            )
-        for option, value in (("sensitivity", self.sensitivity), ("fallback", self.fallback != "none")):
-            if value and self.method != "static":
-                raise ValueError(
-                    f"{option} only applies to method: static (variant {self.name!r} is {self.method}): "
-                    "remove it, or add a static variant with it")
         if self.fallback == "auto":
             self.sensitivity = True
-        if self.method != "qat":
-            extra = [k for k in ("epochs", "lr", "batch_size") if getattr(self, k) is not None]
-            if extra:
-                raise ValueError(
-                    f"{', '.join(extra)} only apply to method: qat (variant {self.name!r} is "
-                    f"{self.method}): remove them"
-                )
-        else:
-            self.epochs = self.epochs or 1
-            self.lr = self.lr or 1e-4
-        if self.method in ("dynamic", "qat") and not self.per_channel:
-            raise ValueError(f"{self.method} quantization uses per-channel weights: remove per_channel "
-                             "(per-tensor weights are a method: static option)")
         return self
+
+
+class DynamicVariant(_PerChannelOnly):
+    """Dynamic quantization: int8 weights, activations quantized on the fly."""
+
+    METHOD: ClassVar[str] = "dynamic"
+
+    method: Literal["dynamic"]
+
+
+class QatVariant(_PerChannelOnly):
+    """Quantization-aware training, from the fine-tuned model."""
+
+    METHOD: ClassVar[str] = "qat"
+    PRODUCER: ClassVar[str] = "qat"
+
+    method: Literal["qat"]
+    epochs: int = Field(1, ge=1, le=1000)
+    lr: float = Field(1e-4, gt=0.0, le=10.0)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):  # epochs: null or lr: null mean the default, as they always did
+            data = {k: v for k, v in data.items() if not (k in ("epochs", "lr") and v is None)}
+        return data
+
+
+METHODS: dict[str, type[_Variant]] = {c.METHOD: c for c in (StaticVariant, DynamicVariant, QatVariant)}
+VariantSpec = Annotated[StaticVariant | DynamicVariant | QatVariant, Field(discriminator="method")]
 
 
 class QuantizeSpec(_Strict):
@@ -367,8 +456,8 @@ class PipelineSpec(_Strict):
         """Every variant of every set, in the spec's order."""
         return [v for vs in self.variant_sets().values() for v in vs]
 
-    def static_variants(self) -> list[VariantSpec]:
-        return [v for v in self.variants() if v.method == "static"]
+    def static_variants(self) -> list[StaticVariant]:
+        return [v for v in self.variants() if isinstance(v, StaticVariant)]
 
 
 @functools.cache
@@ -400,14 +489,18 @@ def _resolve_path(value: str | None, base: Path, *, bare_word_is_name: bool = Fa
 
 
 def _leaf_field(loc: tuple) -> tuple[str, Any] | None:
-    """The field an error location ends at, with its pydantic FieldInfo (list indexes and the
-    keys of dict-valued fields, such as a variant set's name, are stepped over)."""
-    model: type[BaseModel] | None = PipelineSpec
+    """The field an error location ends at, with its pydantic FieldInfo (list indexes, the keys
+    of dict-valued fields, such as a variant set's name, and a variant's method tag are stepped
+    over)."""
+    model: type[BaseModel] | dict[str, type[BaseModel]] | None = PipelineSpec
     found = None
     key_next = False
     for part in loc:
         if isinstance(part, int) or key_next:
             key_next = False
+            continue
+        if isinstance(model, dict):  # a variant: its method's class
+            model = model.get(part)
             continue
         if model is None or part not in model.model_fields:
             return None
@@ -416,9 +509,12 @@ def _leaf_field(loc: tuple) -> tuple[str, Any] | None:
     return found
 
 
-def _inside(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
-    """The spec model an annotation holds (through Optional, list and dict), and whether a dict
-    is crossed on the way (its keys then appear in error locations)."""
+def _inside(annotation: Any) -> tuple[type[BaseModel] | dict[str, type[BaseModel]] | None, bool]:
+    """The spec model an annotation holds (through Optional, list and dict; a variant's classes
+    by method), and whether a dict is crossed on the way (its keys then appear in error
+    locations)."""
+    if annotation == VariantSpec:
+        return dict(METHODS), False
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, False
     crossed = typing.get_origin(annotation) is dict
@@ -450,14 +546,25 @@ def _allowed_range(loc: tuple, path: str) -> str:
 BOUND_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"})
 
 
+def _shown_loc(loc: tuple) -> tuple:
+    """An error location as the spec reads: without the method tag pydantic inserts after a
+    variant's index (``quantize.variants.1.dynamic.observer`` is ``quantize.variants.1.observer``)."""
+    return tuple(p for i, p in enumerate(loc) if not (p in METHODS and i and isinstance(loc[i - 1], int)))
+
+
 def _explain(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "spec_field":  # a cross-field check names its field (see _refuse)
+        loc = ".".join(str(p) for p in _shown_loc(e["loc"])) or "(top level)"
+        if e["type"] == "union_tag_invalid":  # a variant's method
+            problems.append(f"{loc}.method: Input should be {_SHOWN.repr(list(METHODS))[1:-1]} "
+                            f"(got {_SHOWN.repr(e['ctx']['tag'])})")
+        elif e["type"] == "union_tag_not_found":
+            problems.append(f"{loc}.method: required field is missing: add it")
+        elif e["type"] == "spec_field":  # a cross-field check names its field (see _refuse)
             problems.append(f"{e['ctx']['field']}: {e['ctx']['message']}")
         elif e["type"] == "extra_forbidden":
-            parent = ".".join(str(p) for p in e["loc"][:-1]) or "the top level"
+            parent = ".".join(str(p) for p in _shown_loc(e["loc"])[:-1]) or "the top level"
             problems.append(f"{loc}: unknown key in {parent}: remove it or check its spelling")
         elif e["type"] == "missing":
             problems.append(f"{loc}: required field is missing: add it")

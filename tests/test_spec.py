@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from pipeline.errors import ConfigError, SpecError
-from pipeline.spec import load_spec, parse_spec
+from pipeline.runner import spec_digest
+from pipeline.spec import DynamicVariant, QatVariant, StaticVariant, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "digits.yaml"
@@ -386,6 +387,31 @@ def test_defaults_are_filled_in() -> None:
     assert spec.finetune.device == "auto"
     assert spec.benchmark.batch_sizes == [1, 32]
     assert [v.name for v in spec.static_variants()] == ["s"]
+
+
+def test_variants_are_typed_by_method() -> None:
+    """Each method is its own type with its own options; another method's option reads as unset,
+    and the spec dumps (and so digests) as it did when one class held every option."""
+    spec = load_spec(EXAMPLE)
+    assert [type(v) for v in spec.quantize.variants] == [StaticVariant, StaticVariant, DynamicVariant, QatVariant]
+    assert [v.PRODUCER for v in spec.quantize.variants] == ["quantize", "quantize", "quantize", "qat"]
+    assert [v.CALIBRATED for v in spec.quantize.variants] == [True, True, False, False]
+    dynamic = spec.quantize.variants[2]
+    assert "observer" not in type(dynamic).model_fields
+    assert (dynamic.observer, dynamic.percentile, dynamic.bias_correction, dynamic.fallback) == (None, None, False,
+                                                                                                 "none")
+    assert spec.model_dump()["quantize"]["variants"][2] == {
+        "name": "dynamic", "method": "dynamic", "per_channel": True, "observer": None, "percentile": None,
+        "bias_correction": False, "sensitivity": False, "fallback": "none", "epochs": None, "lr": None,
+        "batch_size": None}
+    # the digest recorded in every benchmark manifest, as computed before the variants were typed
+    assert spec_digest(spec) == "ef16035de8b68eced9d71dd02649a788368584ced53bd7f46fc9aa435180fd8b"
+    # another method's option at its unset value is accepted, as it always was
+    same = parse_spec({"name": "n", "quantize": {"variants": [
+        {"name": "d", "method": "dynamic", "observer": None, "bias_correction": False, "fallback": "none"},
+        {"name": "q", "method": "qat", "epochs": None, "lr": None}]}})
+    assert [type(v) for v in same.quantize.variants] == [DynamicVariant, QatVariant]
+    assert (same.quantize.variants[1].epochs, same.quantize.variants[1].lr) == (1, 1e-4)
 
 
 def test_calibration_options() -> None:
