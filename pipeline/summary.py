@@ -14,7 +14,10 @@ against its own arch's fp32, which is what the selection reads.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.stages.configs import ReportConfig
 
 LATENCY_FIELDS = ("latency_ms_p50", "latency_ms_p95", "throughput_ips")
 TOLERANCE = 1e-12  # a drop exactly on the budget is within it, whatever the float rounding
@@ -177,22 +180,22 @@ def _placed(row: dict, v: dict) -> dict:
             "set": v.get("set")} | {k: x for k, x in row.items() if k != "name"}
 
 
-def build(cfg: dict[str, Any], data: dict[str, Any] | None, benches: dict[str, dict[str, Any]],
+def build(cfg: ReportConfig, data: dict[str, Any] | None, benches: dict[str, dict[str, Any]],
           failures: list[dict[str, Any]], *, run_id: str, cancelled: bool = False) -> dict[str, Any]:
-    """The summary of a run from the report stage's config (``name``, ``accuracy_budget``,
-    ``batch_sizes`` and the plan's ``variants``), the ingest manifest (None if it failed), the
+    """The summary of a run from the report stage's config (its name, accuracy budget, batch
+    sizes and the plan's variants), the ingest manifest (None if it failed), the
     benchmark manifests that exist (by variant name) and the failures recorded so far (a
     variant whose benchmark never came is added to them). Status: CANCELLED if the run was
     cancelled, FAILED if any baseline or variant has no result, else SUCCESS."""
     failures = list(failures)
-    budget = cfg["accuracy_budget"]
-    sweep = any("arch" in v for v in cfg["variants"])
+    budget = cfg.accuracy_budget
+    sweep = any("arch" in v for v in cfg.variants)
     # arch -> its fp32 row (None if not measured); without a sweep, the one baseline under None
     baselines = {v.get("arch"): _placed(entry(benches[v["name"]]), v) if v["name"] in benches else None
-                 for v in cfg["variants"] if v["method"] == "fp32"}
+                 for v in cfg.variants if v["method"] == "fp32"}
     baseline = next(iter(baselines.values()), None)  # the first arch's
     variants = []
-    for v in (v for v in cfg["variants"] if v["method"] != "fp32"):
+    for v in (v for v in cfg.variants if v["method"] != "fp32"):
         base = baselines.get(v.get("arch"))
         if v["name"] in benches:
             row = _placed(entry(benches[v["name"]]), v)
@@ -205,7 +208,7 @@ def build(cfg: dict[str, Any], data: dict[str, Any] | None, benches: dict[str, d
                                      "status": "FAILED"}, v))
             if not any(f.get("variant") == v["name"] for f in failures):
                 failures.append({"stage": "benchmark", "variant": v["name"], "error": "no benchmark result"})
-    selected, reason = select(variants, budget, str(cfg["batch_sizes"][0]))
+    selected, reason = select(variants, budget, str(cfg.batch_sizes[0]))
     if cancelled:
         status = "CANCELLED"
     elif failures or None in baselines.values() or any(v.get("accuracy_top1") is None for v in variants):
@@ -214,16 +217,16 @@ def build(cfg: dict[str, Any], data: dict[str, Any] | None, benches: dict[str, d
         status = "SUCCESS"
     return {
         "run_id": run_id,
-        "name": cfg["name"],
+        "name": cfg.name,
         "status": status,
         "baseline": baseline,
         **({"baselines": baselines} if sweep else {}),
         "variants": variants,
         "selected": selected,
         "selection_reason": reason,
-        "selection_per_batch": per_batch(variants, budget, cfg["batch_sizes"]),
+        "selection_per_batch": per_batch(variants, budget, cfg.batch_sizes),
         "accuracy_budget": budget,
-        "batch_sizes": cfg["batch_sizes"],
+        "batch_sizes": list(cfg.batch_sizes),
         "data": {
             "classes": len(data["classes"]) if data else None,
             "class_names": data["classes"] if data else None,

@@ -12,14 +12,15 @@ import time
 from pipeline.plots import FILES, render_all
 from pipeline.report import html_page, markdown
 from pipeline.stages import StageContext, manifest_key
+from pipeline.stages.configs import ReportConfig
 from pipeline.summary import build
 
 log = logging.getLogger(__name__)
 
 
-def report(ctx: StageContext, cfg: dict, inputs: dict) -> dict:
+def report(ctx: StageContext, cfg: ReportConfig, inputs: dict) -> dict:
     benches = {}
-    for v in cfg["variants"]:
+    for v in cfg.variants:
         b = inputs.get(f"bench_{v['name']}")
         if b is not None:
             b["manifest_uri"] = ctx.store.url(manifest_key("benchmark", b["key"]))
