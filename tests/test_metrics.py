@@ -2,8 +2,9 @@
 
 - The multiprocess bookkeeping (folding the files of exited pool processes, dropping the live
   gauges of killed ones, the newest quality value winning) in real forked processes.
-- The queue-depth collector against a real Valkey: a message waiting, then reserved by a real
-  kombu consumer that has not acknowledged it, then a broker that is down.
+- The queue-depth collector against a real Valkey: messages waiting (one in a priority
+  sub-list), then one reserved by a real kombu consumer that has not acknowledged it, then a
+  broker that is down; and the Redis keys it reads against those the installed kombu writes.
 - End to end: a real Prometheus scrapes two real ``qpipe worker`` processes (a prefork cpu worker
   that replaces its pool process after every stage, and a solo-pool gpu worker) while a small
   pipeline runs twice, and its HTTP API is queried for the stage histogram, the cache, the
@@ -84,7 +85,7 @@ def killed():
 
 def unfolded():
     # an exited process whose files nobody folded: what mark_process_dead alone keeps
-    m = metrics._metrics()
+    m = metrics.record._metrics()
     m.images_rate.labels("benchmark", "eval").set(123.0)
     m.in_progress.labels("benchmark").inc()
 
@@ -185,12 +186,27 @@ def test_recording_is_a_no_op_when_metrics_are_off(tmp_path):
 
 # ----------------------------------------------------------------------------- queue depths
 
+def test_queue_keys_are_those_the_kombu_in_use_writes():
+    """The depth reads kombu's Redis layout: every list kombu can put a message of ``cpu`` in
+    (one per priority 0-9), and no other, is one that :func:`queue_keys` counts."""
+    from kombu.transport.redis import Channel
+
+    from workers.metrics.queues import queue_keys
+
+    channel = Channel.__new__(Channel)  # naming a key needs no connection
+    written = {channel._q_for_pri("cpu", priority) for priority in range(10)}
+    assert queue_keys("cpu")[0] == "cpu" and len(set(queue_keys("cpu"))) == len(queue_keys("cpu"))
+    assert set(queue_keys("cpu")) == written
+    assert Channel.unacked_key == "unacked", "the reserved count reads kombu's default unacked hash"
+
+
 @pytest.mark.integration
 def test_queue_depth_counts_waiting_and_reserved_messages_and_survives_a_down_broker(broker):
     from kombu import Consumer
 
     from workers.app import create_app
     from workers.metrics import WorkerCollector
+    from workers.metrics.queues import queue_keys
 
     url = re.sub(r"/\d+$", "/3", broker.url)  # a database of its own: no other test's workers
     app = create_app(url)
@@ -209,7 +225,11 @@ def test_queue_depth_counts_waiting_and_reserved_messages_and_survives_a_down_br
     for _ in range(2):
         app.send_task("qpipe.ingest", args=["run", {"id": "ingest", "stage": "ingest"}, "file:///nowhere"])
     app.send_task("qpipe.finetune", args=["run", {"id": "finetune", "stage": "finetune"}, "file:///nowhere"])
-    assert depths() == {("cpu", "waiting"): 2, ("cpu", "reserved"): 0, ("gpu", "waiting"): 1, ("gpu", "reserved"): 0}
+    # a message with a priority waits in one of kombu's priority sub-lists, and counts too
+    app.send_task("qpipe.finetune", args=["run", {"id": "finetune", "stage": "finetune"}, "file:///nowhere"],
+                  priority=5)
+    assert redis.Redis.from_url(url).llen(queue_keys("gpu")[1]) == 1, "kombu put it in a sub-list"
+    assert depths() == {("cpu", "waiting"): 2, ("cpu", "reserved"): 0, ("gpu", "waiting"): 2, ("gpu", "reserved"): 0}
     got = []
     with app.connection_for_read() as conn:
         consumer = Consumer(conn.default_channel, [app.amqp.queues["cpu"]], accept=["json"],
@@ -219,7 +239,7 @@ def test_queue_depth_counts_waiting_and_reserved_messages_and_survives_a_down_br
             conn.drain_events(timeout=10)
             assert len(got) == 1 and not got[0].acknowledged
             assert depths() == {("cpu", "waiting"): 1, ("cpu", "reserved"): 1,
-                                ("gpu", "waiting"): 1, ("gpu", "reserved"): 0}
+                                ("gpu", "waiting"): 2, ("gpu", "reserved"): 0}
             got[0].ack()
     assert depths()[("cpu", "reserved")] == 0
 
