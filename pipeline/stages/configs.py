@@ -146,11 +146,3 @@ class ReportConfig(StageConfig):
     accuracy_budget: float
     batch_sizes: list[int]
     variants: list[ReportEntry]
-
-    # the report stage and pipeline.summary still read this config by key; drop these once they
-    # read attributes
-    def __getitem__(self, name: str) -> Any:
-        return getattr(self, name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
