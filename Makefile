@@ -25,8 +25,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench
 
 bench: $(STAMP)
-	$(BIN)/python bench/int8_vs_fp32.py
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python -m bench.int8_vs_fp32
+	$(BIN)/python -m bench.overhead
 
 clean:
 	rm -rf .qpipe .pytest_cache

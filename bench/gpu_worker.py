@@ -2,7 +2,7 @@
 CPU-only machine scores the same.
 
 What it does (on a machine with an NVIDIA GPU)
-    Starts a private Valkey (``workers.servers.RedisServer``), a ``file://`` store in a temp dir,
+    Starts a private Valkey (``workers.embedded.EmbeddedValkey``), a ``file://`` store in a temp dir,
     one cpu-queue worker and one gpu-queue worker (``qpipe worker --queues gpu --require-cuda``,
     ``workers.embedded.WorkerProcess``), with short leases so a dead worker's stage comes back in
     seconds. It runs the demo spec (``examples/digits.yaml``) with ``finetune.device: cuda``,
@@ -29,8 +29,8 @@ Output
     there is no usable CUDA device (``status: no CUDA device``, with the probe's reason: nothing
     was checked).
 
-    .venv/bin/python bench/gpu_worker.py
-    .venv/bin/python bench/gpu_worker.py --precision fp16 --epochs 20
+    .venv/bin/python -m bench.gpu_worker
+    .venv/bin/python -m bench.gpu_worker --precision fp16 --epochs 20
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 FAST_LEASES = {"QPIPE_VISIBILITY_TIMEOUT": "15", "QPIPE_LEASE_INTERVAL": "2", "QPIPE_RESTORE_INTERVAL": "2",
                "QPIPE_LOCK_TTL": "8"}
@@ -132,8 +131,7 @@ def main() -> int:
     from pipeline.stages import manifest_key
     from pipeline.store import open_store
     from workers.client import Client
-    from workers.embedded import WorkerProcess
-    from workers.servers import RedisServer
+    from workers.embedded import EmbeddedValkey, WorkerProcess
 
     os.environ.update(FAST_LEASES)  # the workers inherit them
     checks: dict[str, Any] = {}
@@ -143,7 +141,8 @@ def main() -> int:
         tmp = Path(tmp_name)
         store_uri = (tmp / "store").as_uri()
         store = open_store(store_uri)
-        broker = RedisServer(data_dir=tmp / "broker", password=secrets.token_urlsafe(24), appendonly=True).start()
+        broker = EmbeddedValkey(tmp / "broker", password=secrets.token_urlsafe(24), appendonly=True)
+        broker.start(timeout=15.0)
         workers: list[WorkerProcess] = []
 
         def start(queue: str, *extra: str) -> WorkerProcess:

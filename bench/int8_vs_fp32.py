@@ -44,8 +44,8 @@ Output
     ratio is <= ``--target-size-ratio`` (0.27). The script exits non-zero only on errors, never
     because a target was missed.
 
-    .venv/bin/python bench/int8_vs_fp32.py                       # ~2 min on 2 quiet cores
-    .venv/bin/python bench/int8_vs_fp32.py --rounds 3 --no-dynamic --batch-sizes 1
+    .venv/bin/python -m bench.int8_vs_fp32                       # ~2 min on 2 quiet cores
+    .venv/bin/python -m bench.int8_vs_fp32 --rounds 3 --no-dynamic --batch-sizes 1
 """
 
 from __future__ import annotations

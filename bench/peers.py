@@ -70,9 +70,9 @@ Output
     A missed target is reported, never an error: the exit status is non-zero only when something
     failed (2 when the ``peers`` extra is missing).
 
-    .venv/bin/python bench/peers.py                # full: ~10 min on 2 cores
-    .venv/bin/python bench/peers.py --quick        # 1 epoch, one static variant, no 224 case
-    .venv/bin/python bench/peers.py --store /tmp/peers-store   # keep (and reuse) qpipe's stages
+    .venv/bin/python -m bench.peers                # full: ~10 min on 2 cores
+    .venv/bin/python -m bench.peers --quick        # 1 epoch, one static variant, no 224 case
+    .venv/bin/python -m bench.peers --store /tmp/peers-store   # keep (and reuse) qpipe's stages
 """
 
 from __future__ import annotations
@@ -97,8 +97,7 @@ from typing import Any
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int8_vs_fp32 import (  # noqa: E402
+from bench.int8_vs_fp32 import (
     add_timing_args,
     cpu_info,
     measure,
@@ -106,17 +105,16 @@ from int8_vs_fp32 import (  # noqa: E402
     parse_batch_sizes,
     round_load,
 )
-
-from pipeline.bench import threads  # noqa: E402
-from pipeline.plan import build_plan  # noqa: E402
-from pipeline.quant import load_torchscript, set_engine  # noqa: E402
-from pipeline.runner import prepare_sources, run_in_process  # noqa: E402
-from pipeline.runtimes import OrtRunner, OvRunner, load_runner  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
-from pipeline.stages import StageContext, manifest_key  # noqa: E402
-from pipeline.stages.common import example_input, load_fp32, load_split, norm  # noqa: E402
-from pipeline.store import FileStore, Store  # noqa: E402
-from pipeline.train import evaluate, normalize  # noqa: E402
+from pipeline.bench import threads
+from pipeline.plan import build_plan
+from pipeline.quant import load_torchscript, set_engine
+from pipeline.runner import prepare_sources, run_in_process
+from pipeline.runtimes import OrtRunner, OvRunner, load_runner
+from pipeline.spec import load_spec
+from pipeline.stages import StageContext, manifest_key
+from pipeline.stages.common import example_input, load_fp32, load_split, norm
+from pipeline.store import FileStore, Store
+from pipeline.train import evaluate, normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPEC = ROOT / "examples" / "digits.yaml"

@@ -11,14 +11,14 @@ It prints one JSON object; it never fails on a missed speedup. On a machine with
 expect at most about C / (cores a stage uses) times: on 2 cores every worker process competes
 for the same two cores, which the JSON's ``cores`` states.
 
-    python bench/scale.py                 # 6 pipelines per configuration
-    python bench/scale.py --pipelines 10
+    python -m bench.scale                 # 6 pipelines per configuration
+    python -m bench.scale --pipelines 10
 
 ``--sensitivity`` measures the fan-out of one sensitivity analysis instead: one pipeline whose
 minmax variant has ``fallback: auto`` with ``--parts`` parts (default 4), and the span from the
 first part's start to the last part's end, with 1 and then 2 cpu-queue workers.
 
-    python bench/scale.py --sensitivity --parts 4
+    python -m bench.scale --sensitivity --parts 4
 """
 
 from __future__ import annotations
@@ -26,16 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from workers.client import Client  # noqa: E402
-from workers.embedded import EmbeddedCluster  # noqa: E402
+from workers.client import Client
+from workers.embedded import EmbeddedCluster
 
 
 def spec(i: int, size: int) -> dict:

@@ -13,7 +13,7 @@ from pipeline.plan import build_plan
 from pipeline.runner import prepare_sources
 from pipeline.spec import parse_spec
 from pipeline.store import FileStore
-from workers.servers import RedisServer
+from tests.servers import Cluster, RedisServer
 
 SMALL_SPEC = {
     "name": "digits-small",
@@ -83,18 +83,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def cluster(broker: RedisServer, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One cpu-queue and one gpu-queue worker process against the broker and the S3 store."""
-    from workers.embedded import WorkerProcess
-
-    store = "s3://qpipe/test"
     logs = tmp_path_factory.mktemp("worker-logs")
-    workers = [WorkerProcess("cpu", broker.url, store, logs), WorkerProcess("gpu", broker.url, store, logs)]
+    running = Cluster(logs, "s3://qpipe/test", broker=broker)
     try:
-        for w in workers:
-            w.start()
-        yield {"broker": broker.url, "store": store, "workers": workers}
+        running.worker("cpu", logs=logs), running.worker("gpu", logs=logs)
+        yield running.as_dict()
     finally:
-        for w in workers:
-            w.stop()
+        running.stop()
 
 
 def wait_for(pred, timeout: float = 180, every: float = 0.2):

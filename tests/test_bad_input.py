@@ -51,9 +51,9 @@ from pipeline.runner import prepare_sources, run_in_process
 from pipeline.spec import load_spec
 from pipeline.stages import execute
 from pipeline.store import FileStore
+from tests.servers import RedisServer, free_port
 from tests.test_data import _tar, make_folder, noise  # the tests' one tar, ImageFolder and image builders
 from workers.client import Client
-from workers.servers import RedisServer, free_port
 
 SIZE = 16
 PIXEL_LIMIT = 1_000_000  # data.max_image_pixels of the shared datasets' spec

@@ -15,7 +15,7 @@ import pytest
 import redis
 import yaml
 
-from workers.servers import RedisServer, free_port
+from tests.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

@@ -405,7 +405,7 @@ def _redis_scripts() -> dict[str, str]:
 
 
 def _start_redis_script(script: str, tmp: Path, port: int, password: str) -> subprocess.Popen:
-    from workers.servers import valkey_binary
+    from tests.servers import valkey_binary
 
     local = (script.replace("redis-server", shlex.quote(valkey_binary()))
              .replace("/tmp/redis-auth.conf", str(tmp / "redis-auth.conf"))
@@ -424,7 +424,7 @@ def test_redis_start_script_requires_the_password_and_keeps_queued_work_across_a
     from redis.retry import Retry
 
     from tests.conftest import wait_for
-    from workers.servers import free_port
+    from tests.servers import free_port
 
     scripts = _redis_scripts()
     assert scripts["compose"] == scripts["k8s"], "compose.yaml and k8s/redis.yaml should start Redis the same way"
@@ -785,7 +785,7 @@ class _Prometheus:
     """A real Prometheus server on loopback, scraping one target as job ``qpipe-worker``."""
 
     def __init__(self, tmp: Path, target: str) -> None:
-        from workers.servers import free_port
+        from tests.servers import free_port
 
         self.port = free_port()
         config = tmp / "prometheus.yml"
@@ -834,7 +834,7 @@ def test_every_dashboard_query_returns_data_from_a_real_worker_exporter(tmp_path
     import redis
 
     from tests.conftest import wait_for
-    from workers.servers import RedisServer
+    from tests.servers import RedisServer
 
     with RedisServer(data_dir=tmp_path / "broker") as broker:
         client = redis.Redis.from_url(broker.url)

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for, worker_logs
-from tests.servers import env_vars
+from tests.conftest import wait_for
+from tests.servers import Cluster
 from workers.client import Client
-from workers.embedded import WorkerProcess
-from workers.servers import RedisServer
 from workers.state import RunState, connect
 
 pytestmark = pytest.mark.integration
@@ -40,34 +38,9 @@ SPEC = {
 }
 
 
-class Fleet:
-    """A broker of its own and worker processes that a test can kill and replace."""
-
-    def __init__(self, tmp: Path, store: str, env: dict[str, str]) -> None:
-        self.tmp, self.store, self.env = tmp, store, env
-        self.broker = RedisServer(data_dir=tmp / "broker", appendonly=True).start()
-        self.workers: list[WorkerProcess] = []
-
-    def worker(self, queue: str) -> WorkerProcess:
-        with env_vars(self.env):  # the worker process inherits it
-            w = WorkerProcess(queue, self.broker.url, self.store, self.tmp / f"logs-{len(self.workers)}")
-            self.workers.append(w)
-            return w.start()
-
-    def client(self) -> Client:
-        return Client(self.broker.url, self.store)
-
-    def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
-        self.broker.stop()
-
-    def logs(self) -> str:
-        return worker_logs({"workers": self.workers})
-
-    def log_text(self) -> str:
-        """Every worker's whole log, for counting what ran (logs() keeps only the tails)."""
-        return "\n".join(Path(w.log_path).read_text(errors="replace") for w in self.workers if w.log_path.exists())
+class Fleet(Cluster):
+    """A broker of its own and worker processes that a test can kill and replace
+    (:class:`tests.servers.Cluster`), and the stage states the workers wrote."""
 
     def stage(self, handle, node_id: str) -> dict:
         """A stage's state as the workers wrote it (with the pid of the process running it)."""

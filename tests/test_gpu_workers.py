@@ -382,8 +382,8 @@ def pool_lines(log: Path) -> list[tuple[int, int, str]]:
 
 @pytest.mark.integration
 def test_gpu_pool_processes_get_their_own_gpus_and_keep_them_when_replaced(tmp_path: Path) -> None:
+    from tests.servers import RedisServer
     from workers.embedded import WorkerProcess
-    from workers.servers import RedisServer
 
     broker = RedisServer(data_dir=tmp_path / "broker").start()
     worker = WorkerProcess("gpu", broker.url, (tmp_path / "store").as_uri(), tmp_path / "logs", concurrency=2,
@@ -411,9 +411,8 @@ def test_gpu_pool_processes_get_their_own_gpus_and_keep_them_when_replaced(tmp_p
 def gpu_fleet(tmp_path_factory: pytest.TempPathFactory):
     """A broker, a cpu worker, and a gpu worker started with --gpus 3,5 --concurrency 2 on this
     machine without CUDA; retries short (2, backoff 1 s) so a requeued stage gives up quickly."""
-    from tests.servers import env_vars
+    from tests.servers import RedisServer, env_vars
     from workers.embedded import WorkerProcess
-    from workers.servers import RedisServer
 
     tmp = tmp_path_factory.mktemp("gpu-fleet")
     store = (tmp / "store").as_uri()

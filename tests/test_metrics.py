@@ -30,8 +30,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMALL_SPEC, wait_for
+from tests.servers import free_port
 from workers.metrics import METRIC_NAMES
-from workers.servers import ServerProcess, free_port
+from workers.servers import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -11,65 +11,18 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
-import time
-import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import SMALL_SPEC, wait_for
+from tests.servers import FlowerProcess
 from workers.client import Client
 from workers.embedded import WorkerProcess
-from workers.servers import ServerProcess, free_ports
 
 pytestmark = pytest.mark.integration
 PARTS = 4
 RUNTIMES = ["torchscript", "onnxruntime", "openvino"]
-
-
-class FlowerProcess(ServerProcess):
-    """``qpipe flower`` on a free loopback port, with its HTTP API open to this test."""
-
-    name = "flower"
-
-    def __init__(self, broker: str, base_dir: Path) -> None:
-        self.broker = broker
-        self.port = free_ports(1)[0]
-        super().__init__(base_dir, startup_timeout=60.0, stop_timeout=10.0, log_name="flower.log")
-
-    def _command(self) -> list[str]:
-        return [sys.executable, "-m", "workers.cli", "flower", "--port", str(self.port), "--address", "127.0.0.1",
-                "--", "--persistent=False"]
-
-    def _child_env(self) -> dict[str, str]:
-        root = str(Path(__file__).resolve().parent.parent)
-        return {**os.environ, "QPIPE_BROKER_URL": self.broker, "FLOWER_UNAUTHENTICATED_API": "true",
-                "PYTHONPATH": root}
-
-    def text(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
-            return resp.read().decode()
-
-    def get(self, path: str) -> object:
-        return json.loads(self.text(path))
-
-    def _wait_ready(self, deadline: float) -> None:
-        def up() -> bool:
-            self._check_alive()
-            try:
-                self.get("/api/workers?refresh=false")
-                return True
-            except OSError:
-                return False
-
-        while time.monotonic() < deadline:
-            if up():
-                return
-            time.sleep(0.3)
-        raise TimeoutError("flower did not answer")
 
 
 def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s3_env, tmp_path):

@@ -35,12 +35,11 @@ from pipeline.runner import prepare_sources
 from pipeline.spec import load_spec
 from pipeline.store import FileStore, S3Store, check_key, open_store
 from tests.conftest import wait_for
-from tests.test_scale import FlowerProcess
+from tests.servers import FlowerProcess, RedisServer, free_port, free_ports
 from workers.app import app as shared_app
 from workers.app import create_app
 from workers.client import Client, check_broker
 from workers.embedded import EmbeddedCluster, WorkerProcess
-from workers.servers import RedisServer, free_port, free_ports
 from workers.state import RunState, connect
 
 pytestmark = pytest.mark.integration

@@ -13,15 +13,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 from minio.error import S3Error
 
-from tests.servers import SeaweedS3Server
-from workers.servers import (
+from tests.servers import (
     GRPC_PORT_OFFSET,
     MAX_PORT_WITH_GRPC,
     RedisServer,
+    SeaweedS3Server,
     free_ports,
     port_is_open,
     valkey_binary,
@@ -36,38 +37,12 @@ ACCESS_ERRORS = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"}
 
 
 def _listening_addresses(pid: int) -> set[tuple[str, int]]:
-    """(ip, port) of every TCP socket in LISTEN state held open by process ``pid`` (Linux)."""
-    inodes: set[str] = set()
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    found: set[tuple[str, int]] = set()
-    for table, width in (("tcp", 4), ("tcp6", 16)):
-        path = Path(f"/proc/{pid}/net/{table}")
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A = LISTEN
-                continue
-            addr_hex, port_hex = local.split(":")
-            raw = bytes.fromhex(addr_hex)
-            if width == 4:
-                ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
-            else:  # /proc stores IPv6 as four little-endian 32-bit words
-                words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-                ip = socket.inet_ntop(socket.AF_INET6, words)
-            found.add((ip, int(port_hex, 16)))
-    return found
+    """(ip, port) of every TCP socket in LISTEN state held open by process ``pid``."""
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN}
 
 
-needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists a process's sockets")
 
 
 def test_free_ports_are_distinct_and_leave_room_for_grpc() -> None:

