@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import yaml
@@ -40,15 +41,15 @@ def our_processes(home: Path) -> set[int]:
     """Pids of the valkey-servers and qpipe workers that a ``qpipe run`` with ``QPIPE_HOME=home``
     started (they inherit its environment), so that other tests running at the same time do
     not count."""
-    out = subprocess.run(["pgrep", "-f", "valkey-server|workers.cli worker"], capture_output=True, text=True)
     mine = set()
-    for pid in (int(p) for p in out.stdout.split()):
+    for proc in psutil.process_iter():
         try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile
+            cmdline = " ".join(proc.cmdline())
+            if ("valkey-server" in cmdline or "workers.cli worker" in cmdline) \
+                    and proc.environ().get("QPIPE_HOME") == str(home):
+                mine.add(proc.pid)
+        except psutil.Error:  # gone meanwhile, or not ours to read
             continue
-        if f"QPIPE_HOME={home}".encode() in env:
-            mine.add(pid)
     return mine
 
 
