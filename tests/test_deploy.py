@@ -645,6 +645,7 @@ def test_k8s_workers_run_valid_commands_and_expose_metrics():
         served.add(args.queues)
         gpus = c["resources"]["limits"].get("nvidia.com/gpu")
         assert (gpus == 1) == (args.queues == "gpu"), f"{name}: one GPU for gpu workers, none for cpu workers"
+        assert args.require_cuda == (args.queues == "gpu"), f"{name}: a gpu pod must not train on its CPU"
         assert c["image"] == ("qpipe:cuda" if args.queues == "gpu" else "qpipe:cpu")
     assert served == set(QUEUES)
     (flower,) = pod_containers(k8s_kind("Deployment")["flower"])
