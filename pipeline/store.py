@@ -133,12 +133,13 @@ class Store(ABC):
         path = Path(path)
         digest = sha256_file(path)
         key = f"{folder}/{digest}{suffix}"
-        if self.exists(key):
+        try:
             stored, _ = self.digest(key)
-            if stored == digest:
-                return ArtifactRef(self.url(key), digest, path.stat().st_size)
-            log.warning("%s has sha256 %s, expected %s from its name: uploading it again", self.url(key), stored,
-                        digest)
+        except ArtifactMissing:
+            return self.put_file(key, path)
+        if stored == digest:
+            return ArtifactRef(self.url(key), digest, path.stat().st_size)
+        log.warning("%s has sha256 %s, expected %s from its name: uploading it again", self.url(key), stored, digest)
         return self.put_file(key, path)
 
     def put_json(self, key: str, obj: Any) -> ArtifactRef:

