@@ -411,3 +411,31 @@ def load_runner(runtime: str, path: Path, *, threads: int,
     if runtime == "onnxruntime":
         return OrtRunner(Path(path), threads)
     return OvRunner(Path(path), threads, batch_size)
+
+
+def export_onnx_fp32(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> Path:
+    """Write the float model ``model`` (the fine-tuned fp32 baseline) as one self-contained ONNX
+    file at ``path`` and return ``path``: the same input and output names, dynamic batch
+    dimension and opset as ``export_onnx_qdq``'s files, so the same runners serve it and the
+    baseline is timed on ONNX Runtime and OpenVINO like the int8 forms. Raises StageError when a
+    package is missing or the exporter fails."""
+    from torch.onnx.errors import OnnxExporterError
+
+    _require(EXPORT_PACKAGES, "exporting to ONNX")
+    import onnx
+
+    path = Path(path)
+    try:
+        with quiet(), torch.no_grad():
+            torch.onnx.export(copy.deepcopy(model).eval(), example, str(path), dynamo=True, external_data=False,
+                              optimize=True, opset_version=OPSET, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              verbose=False)
+        onnx.checker.check_model(str(path))
+    except (OnnxExporterError, onnx.checker.ValidationError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise StageError(f"exporting the fp32 model to ONNX ({path.name}) failed: {type(err).__name__}: "
+                         f"{first[:300]}. Its TorchScript file is unaffected; find the op the exporter cannot "
+                         "express: torch.onnx.export(..., report=True)") from None
+    log.info("exported %s (fp32)", path.name)
+    return path
