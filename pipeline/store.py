@@ -23,19 +23,20 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import tempfile
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
 from pipeline.errors import ConfigError, CorruptArtifact, TransientError
 from pipeline.hashing import CHUNK, sha256_bytes, sha256_file
+from pipeline.settings import secret, settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -269,18 +270,16 @@ class FileStore(Store):
 def _retrying(what: str, fn: Callable[[], T], attempts: int | None = None, base: float = 0.5,
               cap: float = 8.0) -> T:
     """Call ``fn``, retrying transient failures with exponential backoff and full jitter
-    (``QPIPE_STORE_ATTEMPTS`` tries, 6 by default: about 15 s of patience in all)."""
-    attempts = attempts or max(1, int(os.environ.get("QPIPE_STORE_ATTEMPTS", 6)))
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except TransientError as err:
-            if attempt == attempts - 1:
-                raise
-            delay = random.uniform(0, min(cap, base * 2**attempt))
-            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, err, attempt + 1, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    (``QPIPE_STORE_ATTEMPTS`` tries, 6 by default: about 15 s of patience in all); the last
+    failure is raised as it is."""
+    attempts = attempts or settings().store_attempts
+
+    def told(state: RetryCallState) -> None:
+        log.warning("%s failed (%s); retry %d/%d in %.1fs", what, state.outcome.exception(), state.attempt_number,
+                    attempts - 1, state.next_action.sleep)
+
+    return Retrying(stop=stop_after_attempt(attempts), wait=wait_random_exponential(multiplier=base, max=cap),
+                    retry=retry_if_exception_type(TransientError), before_sleep=told, reraise=True)(fn)
 
 
 class S3Store(Store):
@@ -312,16 +311,17 @@ class S3Store(Store):
         if self.prefix:
             check_key(self.prefix)
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        endpoint = endpoint or os.environ.get("QPIPE_S3_ENDPOINT")
+        knobs = settings()
+        endpoint = endpoint or knobs.s3_endpoint
         if not endpoint:
             raise ConfigError("an s3:// store needs QPIPE_S3_ENDPOINT (host:port of the S3 server) in the environment")
         endpoint = endpoint.removeprefix("http://").removeprefix("https://")
-        access_key = access_key if access_key is not None else os.environ.get("QPIPE_S3_ACCESS_KEY")
-        secret_key = secret_key if secret_key is not None else os.environ.get("QPIPE_S3_SECRET_KEY")
+        access_key = access_key if access_key is not None else secret(knobs.s3_access_key)
+        secret_key = secret_key if secret_key is not None else secret(knobs.s3_secret_key)
         if not access_key or not secret_key:
             raise ConfigError("an s3:// store needs QPIPE_S3_ACCESS_KEY and QPIPE_S3_SECRET_KEY in the environment")
         if secure is None:
-            secure = os.environ.get("QPIPE_S3_SECURE", "false").lower() in ("1", "true", "yes")
+            secure = knobs.s3_secure
         self.endpoint = endpoint
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5.0, read=120.0),
