@@ -32,6 +32,7 @@ import psutil
 import pytest
 import yaml
 
+from pipeline.settings import Settings, env_name
 from workers import metrics
 from workers.app import DEFAULT_BROKER, QUEUES, STAGE_TIME_LIMIT
 from workers.cli import parser as cli_parser
@@ -136,8 +137,8 @@ def config_map() -> dict[str, str]:
 
 
 def code_env_names() -> set[str]:
-    """Every QPIPE_* environment variable name the code mentions."""
-    names = set()
+    """Every QPIPE_* environment variable name the code mentions or declares in pipeline/settings.py."""
+    names = {env_name(field) for field in Settings.model_fields}
     for path in list((ROOT / "pipeline").rglob("*.py")) + list((ROOT / "workers").rglob("*.py")):
         names |= set(re.findall(r"\bQPIPE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
     return names

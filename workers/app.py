@@ -4,7 +4,7 @@ Importing this module is cheap and side-effect free: it reads the stage table bu
 neither torch nor any stage's module, so a prefork parent never initialises CUDA (the stages
 import torch inside the task, in the process that runs them).
 
-Settings (overridable through the environment):
+Settings (the ``QPIPE_*`` knobs in ``pipeline/settings.py``; ``qpipe config`` lists them):
 - JSON only, for task messages, results and events (``accept_content=["json"]``): a pickled
   message is refused, never deserialised.
 - ``task_acks_late`` + ``task_reject_on_worker_lost`` + ``worker_prefetch_multiplier=1``: a
@@ -22,36 +22,30 @@ Settings (overridable through the environment):
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 from kombu import Queue
 
+from pipeline.settings import secret, settings
 from pipeline.stages.table import QUEUES, STAGES
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 # the stages and the queue each runs on, from the stage table (torch-free)
 STAGE_QUEUES = {name: d.queue for name, d in STAGES.items()}
-STAGE_TIME_LIMIT = int(os.environ.get("QPIPE_STAGE_TIME_LIMIT", 6 * 3600))  # hard limit, seconds
-RETRY_BACKOFF_MAX = int(os.environ.get("QPIPE_RETRY_BACKOFF_MAX", 300))
-MAX_RETRIES = int(os.environ.get("QPIPE_MAX_RETRIES", 8))
+_KNOBS = settings()  # read once, at import: the limits below are fixed for the app's life
+STAGE_TIME_LIMIT = _KNOBS.stage_time_limit  # hard limit, seconds
+RETRY_BACKOFF_MAX = _KNOBS.retry_backoff_max
+MAX_RETRIES = _KNOBS.max_retries
 # Messages held by a live worker are renewed every LEASE_INTERVAL seconds (workers/leases.py), so
 # the visibility timeout bounds how long a *dead* worker's stage waits before redelivery.
-LEASE_INTERVAL = float(os.environ.get("QPIPE_LEASE_INTERVAL", 10))
-VISIBILITY_TIMEOUT = int(os.environ.get("QPIPE_VISIBILITY_TIMEOUT", 300))
-RESTORE_INTERVAL = int(os.environ.get("QPIPE_RESTORE_INTERVAL", 10))
+LEASE_INTERVAL = _KNOBS.lease_interval
+VISIBILITY_TIMEOUT = _KNOBS.visibility_timeout
+RESTORE_INTERVAL = _KNOBS.restore_interval
 # deliveries of one stage in a row whose process died before the stage is failed (workers/deliveries.py)
-MAX_DELIVERIES = int(os.environ.get("QPIPE_MAX_DELIVERIES", 3))
-if MAX_DELIVERIES < 1:
-    raise ValueError(f"QPIPE_MAX_DELIVERIES ({MAX_DELIVERIES}) must be at least 1: the number of deliveries of a "
-                     "stage whose process died before the stage is failed (default 3)")
-if VISIBILITY_TIMEOUT < 3 * LEASE_INTERVAL:
-    raise ValueError(f"QPIPE_VISIBILITY_TIMEOUT ({VISIBILITY_TIMEOUT}s) must be at least 3x "
-                     f"QPIPE_LEASE_INTERVAL ({LEASE_INTERVAL}s)")
+MAX_DELIVERIES = _KNOBS.max_deliveries
 
 
 def broker_url(explicit: str | None = None) -> str | None:
-    return explicit or os.environ.get("QPIPE_BROKER_URL") or None
+    return explicit or secret(settings().broker_url) or None
 
 
 def configure(app: Celery, url: str) -> Celery:
@@ -90,7 +84,7 @@ def create_app(url: str | None = None) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
-        worker_max_memory_per_child=int(os.environ.get("QPIPE_WORKER_MAX_MEMORY_KB", 3 * 1024 * 1024)),
+        worker_max_memory_per_child=settings().worker_max_memory_kb,
         broker_connection_retry_on_startup=True,
         broker_channel_error_retry=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,

@@ -8,6 +8,7 @@
     qpipe worker --queues cpu|gpu|cpu,gpu [--broker URL] [--store URI] [--concurrency N] [--gpus 0,1]
                  [--require-cuda]
     qpipe flower [--broker URL] [--port 5555] [--address 127.0.0.1] [-- FLOWER ARGS]
+    qpipe config
 
 Exit status: 0 when the run succeeded, 1 when it failed or was cancelled, 2 when the spec or
 the configuration was refused or the object store could not be reached (nothing was enqueued),
@@ -99,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5555)
     p.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0 to serve other machines)")
     p.add_argument("flower_args", nargs=argparse.REMAINDER, help="passed to Flower")
+    sub.add_parser("config", help="print every QPIPE_* setting: its value here, its default and what it does "
+                   "(credentials masked)")
     return ap
 
 
@@ -117,7 +120,7 @@ def follow(handle, *, progress: bool = True, timeout: float | None = None, out=s
 
 
 def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
-    from pipeline.report import text_table
+    from pipeline.report import fp32_served, skipped_lines, text_table
 
     print("", file=out)
     print(f"run {summary.get('run_id')}: {summary.get('status')}", file=out)
@@ -126,6 +129,11 @@ def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
               file=out)
     if summary.get("baseline") or summary.get("variants"):
         print(text_table(summary), file=out)
+        served = fp32_served(summary)
+        print("top-1 and p50: the runtime serving each model at that batch size; speedup: vs the fastest fp32 form"
+              + (f" ({served})" if served else ""), file=out)
+    for line in skipped_lines(summary):  # a runtime not measured is a form the selection could not pick
+        print(f"runtime {line}", file=out)
     if summary.get("selected"):
         print(f"selected: {summary['selected']} ({summary.get('selection_reason', '')})", file=out)
     elif summary.get("selection_reason"):
@@ -147,6 +155,7 @@ def _exit_for(summary: dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------- commands
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.settings import settings
     from pipeline.spec import load_spec
     from workers.app import broker_url
     from workers.client import Client
@@ -160,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             print("no broker configured: starting the embedded default (Valkey + a cpu and a gpu worker)",
                   flush=True)
-            cluster = EmbeddedCluster(store=args.store or os.environ.get("QPIPE_STORE_URI")).start()
+            cluster = EmbeddedCluster(store=args.store or settings().store_uri).start()
             broker, store = cluster.broker, cluster.store
             print(f"artifacts: {store}", flush=True)
         else:
@@ -273,9 +282,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise ConfigError(f"--require-cuda: no usable CUDA device: {found.why_none()} ({found.lines()[-1]}): "
                               "start this worker where an NVIDIA GPU and its driver are, or drop --require-cuda "
                               "to train on the CPU")
+    from pipeline.settings import settings
     from pipeline.store import open_store
 
-    uri = args.store or os.environ.get("QPIPE_STORE_URI")
+    uri = args.store or settings().store_uri
     if not uri:
         raise ConfigError("a worker needs its artifact store: pass --store URI or set QPIPE_STORE_URI (a worker "
                           "serves one store and refuses stages that name another)")
@@ -347,8 +357,16 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from pipeline.settings import knobs
+
+    for knob in knobs():  # a value that breaks a rule is refused like any ConfigError (exit 2)
+        print(f"{knob.name}={knob.value}  (default: {knob.default})\n    {knob.description}")
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "watch": cmd_watch,
-            "cancel": cmd_cancel, "worker": cmd_worker, "flower": cmd_flower}
+            "cancel": cmd_cancel, "worker": cmd_worker, "flower": cmd_flower, "config": cmd_config}
 
 
 def _without_url(argv: list[str], url: str) -> list[str]:

@@ -128,16 +128,15 @@ class RunHandle:
 
 class Client:
     def __init__(self, broker: str | None = None, store: str | None = None, app=None) -> None:
-        import os
-
         from pipeline.errors import ConfigError
+        from pipeline.settings import settings
 
         url = broker_url(broker)
         if not url:
             raise ConfigError("no broker: pass --broker redis://HOST:PORT/DB or set QPIPE_BROKER_URL "
                               "(or use `qpipe run` without one for the embedded default)")
         self.broker = url
-        self.store_uri = store or os.environ.get("QPIPE_STORE_URI")
+        self.store_uri = store or settings().store_uri
         # an app of its own: a Celery app caches its result backend, so one app re-pointed at
         # another broker would keep talking to the first one
         self.app = configure(app, url) if app is not None else create_app(url)
@@ -153,8 +152,8 @@ class Client:
         """Validate, upload local data, plan, record and enqueue a pipeline. Returns at once."""
         from pipeline.errors import ConfigError
         from pipeline.plan import build_plan
-        from pipeline.runner import prepare_sources, spec_digest
-        from pipeline.spec import load_spec
+        from pipeline.sources import prepare_sources
+        from pipeline.spec import load_spec, spec_digest
         from pipeline.store import open_store
         from workers.canvas import build_canvas
 

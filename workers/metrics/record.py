@@ -18,14 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.settings import settings
 from pipeline.stages.table import STAGES  # the stage label of each declared stage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9808
 DEFAULT_ADDR = "127.0.0.1"
-DIR_ENV = "QPIPE_METRICS_DIR"  # parent folder of the per-worker folders
-ACTIVE_ENV = "QPIPE_METRICS_WORKER_DIR"  # set (and inherited by pool processes) once enabled
+# set by enable_multiprocess and inherited by the pool processes: a hand-off inside one worker, not
+# a knob (the parent folder of the per-worker folders is QPIPE_METRICS_DIR, in pipeline/settings.py)
+ACTIVE_ENV = "QPIPE_METRICS_WORKER_DIR"
 DURATION_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600)
 OUTCOMES = ("done", "cached", "failed", "cancelled", "retry")
 PHASES = ("train", "calibrate", "eval")
@@ -68,8 +70,8 @@ def enabled() -> bool:
 
 
 def worker_dir(node: str) -> Path:
-    base = os.environ.get(DIR_ENV) or os.path.join(tempfile.gettempdir(), f"qpipe-metrics-{os.getuid()}")
-    return Path(base) / re.sub(r"[^A-Za-z0-9@._-]", "_", node)
+    base = settings().metrics_dir or Path(tempfile.gettempdir()) / f"qpipe-metrics-{os.getuid()}"
+    return base / re.sub(r"[^A-Za-z0-9@._-]", "_", node)
 
 
 def enable_multiprocess(node: str) -> Path:
