@@ -3,48 +3,24 @@ SeaweedFS S3 server, and real ``qpipe worker`` processes for the cpu and gpu que
 
 from __future__ import annotations
 
-import time
+import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from pipeline.plan import build_plan
-from pipeline.runner import prepare_sources
-from pipeline.spec import parse_spec
 from pipeline.store import FileStore
+from tests.helpers import SMALL_SPEC, Finetuned, finetune_once, one_torch_thread, plan_of, wait_for, worker_logs
 from tests.servers import Cluster, RedisServer
 
-SMALL_SPEC = {
-    "name": "digits-small",
-    "seed": 0,
-    "data": {"source": "builtin:digits", "image_size": 32, "calib_size": 64},
-    "model": {"arch": "resnet18"},
-    # Two epochs at batch 32 (90 steps) train to 0.89-0.94 val top-1 for seeds 0-3 on this data, far
-    # from the tests' 0.5 floor on any CPU; one epoch at batch 64 ended anywhere from 0.15 to 0.66
-    # with the seed alone, and at 0.36 on an AMD EPYC where oneDNN picks other kernels than here.
-    "finetune": {"epochs": 2, "batch_size": 32, "lr": 0.01},
-    "quantize": {"backend": "x86", "variants": [
-        {"name": "ptq-minmax", "method": "static", "observer": "minmax"},
-        {"name": "ptq-histogram", "method": "static", "observer": "histogram"},
-        {"name": "dynamic", "method": "dynamic"},
-        {"name": "qat", "method": "qat", "epochs": 1, "lr": 0.001},
-    ]},
-    # TorchScript only: the ONNX Runtime and OpenVINO forms are measured by test_sensitivity and test_scale
-    "benchmark": {"batch_sizes": [1, 8], "threads": 1, "warmup": 1, "iterations": 5, "accuracy_budget": 0.05,
-                  "runtimes": ["torchscript"]},
-}
+# The shared helpers live in tests/helpers.py; these names are imported here too only because
+# older modules import them from tests.conftest: new code imports them from tests.helpers.
+__all__ = ["SMALL_SPEC", "plan_of", "wait_for", "worker_logs"]
 
 
 @pytest.fixture(scope="module")
 def plan_store(tmp_path_factory: pytest.TempPathFactory) -> FileStore:
     """A file store for building plans (sources are uploaded when a plan is built)."""
     return FileStore(tmp_path_factory.mktemp("plan-store"))
-
-
-def plan_of(spec_dict: dict, store: FileStore) -> list[dict]:
-    spec = parse_spec(spec_dict)
-    return build_plan(spec, prepare_sources(spec, store))
 
 
 @pytest.fixture(scope="session")
@@ -92,35 +68,24 @@ def cluster(broker: RedisServer, s3_env: dict[str, str], tmp_path_factory: pytes
         running.stop()
 
 
-def wait_for(pred, timeout: float = 180, every: float = 0.2):
-    """Poll ``pred`` until it returns something true (returned), or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"condition not met within {timeout}s")
-
-
-def worker_logs(cluster: dict) -> str:
-    return "\n".join(Path(w.log_path).read_text(errors="replace")[-6000:] for w in cluster["workers"])
-
-
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """One intra-op thread for a module of in-process tests: tiny models gain nothing from more,
-    one thread keeps every float reduction in one order, and on a busy 2-core machine OpenMP
-    threads spinning against other processes made test_stages.py ~5x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """One intra-op thread for a module of in-process tests (see ``one_torch_thread``)."""
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Finetuned:
+    """The fine-tuned ResNet18 of ``tests.helpers.TRAINED_SPEC``, trained once per test run.
+
+    Its store is in a folder every pytest-xdist worker of the run shares: a worker's base temp
+    folder is ``<run>/popen-gwN``, so their parent is the run's (xdist's documented recipe);
+    without xdist the run's own. The first worker to get here trains; the others wait on the
+    lock in ``finetune_once`` and get the finetune stage's cache hit."""
+    base = tmp_path_factory.getbasetemp()
+    run = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return finetune_once(run / "shared-store")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

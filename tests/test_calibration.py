@@ -2,7 +2,8 @@
 percentile, mse, entropy), per-channel and per-tensor weights, and bias correction.
 
 One ResNet18 is fine-tuned briefly on digits at 32x32 through the real ingest and finetune
-stages (in process, on a file store) and shared by the module. On it:
+stages (in process, on a file store; the ``finetuned`` fixture trains it once per test run) and
+shared by the module. On it:
 - a non-default observer beats minmax on top-1 drop where activations have an outlier channel,
   and on output SQNR against fp32 on the model as trained;
 - per-channel and per-tensor weights both convert, and really differ;
@@ -15,7 +16,6 @@ The range searches are also checked on synthetic data, and the spec/plan wiring 
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 from pathlib import Path
@@ -24,133 +24,32 @@ import pytest
 import torch
 
 from pipeline import quant
-from pipeline.data import read_shards
 from pipeline.errors import StageError
-from pipeline.models import build_model, load_state_dict
-from pipeline.plan import CALIBRATION_STATISTIC, build_plan
+from pipeline.plan import CALIBRATION_STATISTIC
 from pipeline.quant import (
     EntropyObserver,
     MSEObserver,
     PercentileObserver,
     _min_kl_threshold,
-    convert_static,
     correct_bias,
     load_torchscript,
-    observer_state,
-    prepare_static,
     quiet,
 )
-from pipeline.runner import prepare_sources
-from pipeline.spec import DEFAULT_PERCENTILE, OBSERVERS, parse_spec
+from pipeline.spec import DEFAULT_PERCENTILE, OBSERVERS
 from pipeline.stages import execute
 from pipeline.store import FileStore
-from pipeline.train import normalize
-
-SIZE = 32
-ARCH = "resnet18"
-EXAMPLE = (torch.zeros(1, 3, SIZE, SIZE),)
-SPEC = {
-    "name": "calibration-test",
-    "seed": 0,
-    "data": {"source": "builtin:digits", "image_size": SIZE, "calib_size": 256},
-    "model": {"arch": ARCH},
-    "finetune": {"epochs": 2, "batch_size": 64, "lr": 0.01},
-    "quantize": {"variants": [
-        {"name": "ptq-minmax", "method": "static", "observer": "minmax"},
-        {"name": "ptq-p999-bc", "method": "static", "observer": "percentile", "percentile": 99.9,
-         "bias_correction": True},
-        {"name": "ptq-mse", "method": "static", "observer": "mse", "per_channel": False},
-        {"name": "ptq-entropy", "method": "static", "observer": "entropy"},
-        {"name": "dynamic", "method": "dynamic"},
-    ]},
-}
-# the outlier-channel model: one channel of this block's first BN (+ReLU) is scaled up by
-# OUTLIER_SCALE and the next convolution's weights for it scaled down by as much. The fp32
-# function is unchanged (ReLU commutes with positive scaling, and a power of two is exact), but
-# that activation now has one channel far above the others, as training without weight decay can
-# leave a network: a range set by its maximum (minmax) crushes every other channel.
-OUTLIER_BLOCK = "layer3.1"
-OUTLIER_SCALE = 256.0
-
+from tests.helpers import (
+    OUTLIER_BLOCK,
+    OUTLIER_SCALE,
+    Finetuned,
+    Trained,
+    calibrate,
+    convert,
+    nodes_of,
+    with_outlier,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Trained:
-    """The fine-tuned model, its data and its store, with memoized calibrations."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.store = FileStore(folder / "store")
-        spec = parse_spec(SPEC)
-        self.plan = {n["id"]: n for n in build_plan(spec, prepare_sources(spec, self.store))}
-        self.data = execute(self.plan["ingest"], self.store).manifest
-        self.finetune = execute(self.plan["finetune"], self.store).manifest
-        self.model = build_model(ARCH, len(self.data["classes"]))
-        self.model.load_state_dict(load_state_dict(self.store.fetch(self.finetune["outputs"]["state_dict"],
-                                                                    folder / "fp32.pt")))
-        self.model.eval()
-        pre = self.data["preprocess"]
-        self.norm = {"mean": pre["mean"], "std": pre["std"]}
-        x_val, self.y_val = self.split("val")
-        self.x_val = normalize(x_val, **self.norm)
-        self.calib = normalize(self.split("calib")[0], **self.norm)
-        self._stats: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-        self._int8: dict[tuple, torch.nn.Module] = {}
-        self._fp32: dict[int, torch.Tensor] = {}
-
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        refs = self.data["outputs"][name]
-        return read_shards([self.store.fetch(r, self.folder / f"{name}-{i}.pt") for i, r in enumerate(refs)])
-
-    def statistics(self, model: torch.nn.Module, tag: str, statistic: str) -> dict[str, torch.Tensor]:
-        if (tag, statistic) not in self._stats:
-            self._stats[(tag, statistic)] = calibrate(model, statistic, self.calib)
-        return self._stats[(tag, statistic)]
-
-    @functools.cached_property
-    def corrected(self) -> tuple[torch.nn.Module, dict]:
-        """The percentile-99.9 int8 model with bias correction (the ptq-p999-bc variant), and the
-        correction's report."""
-        qmodel = copy.deepcopy(self.converted(self.model, "trained", "percentile", percentile=99.9))
-        return qmodel, correct_bias(qmodel, self.model, self.calib)
-
-    @property
-    def corrected_model(self) -> torch.nn.Module:
-        return self.corrected[0]
-
-    @property
-    def corrected_report(self) -> dict:
-        return self.corrected[1]
-
-    def fp32_outputs(self, model: torch.nn.Module) -> torch.Tensor:
-        if id(model) not in self._fp32:
-            with torch.no_grad():
-                self._fp32[id(model)] = model(self.x_val)
-        return self._fp32[id(model)]
-
-    def converted(self, model: torch.nn.Module, tag: str, observer: str, *, per_channel: bool = True,
-                  percentile: float | None = None) -> torch.nn.Module:
-        """The int8 model for one choice, converted once per module (callers must not modify it)."""
-        key = (tag, observer, per_channel, percentile)
-        if key not in self._int8:
-            stats = self.statistics(model, tag, CALIBRATION_STATISTIC[observer])
-            self._int8[key] = convert(model, stats, observer, per_channel=per_channel, percentile=percentile)
-        return self._int8[key]
-
-
-def calibrate(model: torch.nn.Module, statistic: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    observed = prepare_static(model, EXAMPLE, observer=statistic, per_channel=True, backend="x86", arch=ARCH)
-    with torch.no_grad():
-        for x in torch.split(images, 32):
-            observed(x)
-    return observer_state(observed)
-
-
-def convert(model: torch.nn.Module, stats: dict, observer: str, *, per_channel: bool = True,
-            percentile: float | None = None) -> torch.nn.Module:
-    return convert_static(model, EXAMPLE, stats, observer=observer, per_channel=per_channel, backend="x86",
-                          arch=ARCH, percentile=percentile)
 
 
 def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -185,35 +84,8 @@ def evaluate_choices(run: Trained, model: torch.nn.Module, tag: str, choices: li
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    return Trained(tmp_path_factory.mktemp("calibration"))
-
-
-def with_outlier(model: torch.nn.Module, calib: torch.Tensor, x_val: torch.Tensor) -> torch.nn.Module:
-    """A copy of ``model`` with an outlier channel after OUTLIER_BLOCK's first convolution: the
-    one active least often on the calibration images (but active), scaled up by OUTLIER_SCALE."""
-    model = copy.deepcopy(model)
-    block = model.get_submodule(OUTLIER_BLOCK)
-    seen: list[torch.Tensor] = []
-    hook = block.bn1.register_forward_hook(lambda mod, args, out: seen.append(out.relu()))
-    with torch.no_grad():
-        reference = model(x_val)
-        model(calib)
-    hook.remove()
-    active = (seen[0] > 0).float().mean((0, 2, 3))
-    channel = int(torch.where(active > 0, active, torch.full_like(active, 2.0)).argmin())
-    with torch.no_grad():
-        block.bn1.weight[channel] *= OUTLIER_SCALE
-        block.bn1.bias[channel] *= OUTLIER_SCALE
-        block.conv2.weight[:, channel] /= OUTLIER_SCALE
-        assert torch.allclose(model(x_val), reference, atol=1e-4)
-        out = []
-        hook = block.bn1.register_forward_hook(lambda mod, args, o: out.append(o.relu()))
-        model(calib)
-        hook.remove()
-    others = torch.cat([out[0][:, :channel], out[0][:, channel + 1:]], 1)
-    assert out[0][:, channel].max() > 20 * others.max()  # really an outlier
-    return model
+def run(finetuned: Finetuned, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    return Trained(finetuned, tmp_path_factory.mktemp("calibration"))
 
 
 @pytest.fixture(scope="module")
@@ -540,8 +412,7 @@ def test_observer_lists_agree() -> None:
 
 
 def _plan(variants: list[dict], store: FileStore) -> dict[str, dict]:
-    spec = parse_spec({"name": "plan-test", "quantize": {"variants": variants}})
-    return {n["id"]: n for n in build_plan(spec, prepare_sources(spec, store))}
+    return nodes_of({"name": "plan-test", "quantize": {"variants": variants}}, store)
 
 
 def test_plan_keys_follow_the_calibration_options(tmp_path: Path) -> None:

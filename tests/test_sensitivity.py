@@ -1,11 +1,12 @@
 """Per-layer sensitivity and the accuracy-budget fallback (``fallback: auto``).
 
-The model is test_calibration's ResNet18 fine-tuned on digits at 32x32, with one outlier
-activation channel planted between ``layer3.1.conv1`` and ``layer3.1.conv2`` (the fp32 function
-is unchanged; minmax calibration then crushes every other channel of that activation). It is
-handed to the pipeline as a checkpoint and "fine-tuned" with a frozen backbone at a negligible
-learning rate, so the stages see exactly that model. The whole plan runs in process on a file
-store; the distributed fan-out of the parts is covered by tests/test_scale.py.
+The model is the calibration tests' ResNet18 fine-tuned on digits at 32x32 (the ``finetuned``
+fixture, trained once per test run), with one outlier activation channel planted between
+``layer3.1.conv1`` and ``layer3.1.conv2`` (the fp32 function is unchanged; minmax calibration
+then crushes every other channel of that activation). It is handed to the pipeline as a
+checkpoint and "fine-tuned" with a frozen backbone at a negligible learning rate, so the stages
+see exactly that model. The whole plan runs in process on a file store; the distributed fan-out
+of the parts is covered by tests/test_scale.py.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import pytest
 import torch
 
 from pipeline.errors import SpecError
-from pipeline.plan import build_plan
-from pipeline.runner import prepare_sources, run_in_process
+from pipeline.runner import run_in_process
 from pipeline.sensitivity import rank, search_fallback
 from pipeline.spec import parse_spec
 from pipeline.stages import execute
-from tests.test_calibration import OUTLIER_BLOCK, SPEC, Trained, with_outlier
+from tests.helpers import OUTLIER_BLOCK, TRAINED_SPEC, Finetuned, Trained, nodes_of, with_outlier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PARTS = 3
@@ -31,7 +31,7 @@ def outlier_spec(checkpoint: str) -> dict:
     return {
         "name": "sensitivity-test",
         "seed": 0,
-        "data": SPEC["data"],
+        "data": TRAINED_SPEC["data"],
         "model": {"arch": "resnet18", "weights": checkpoint},
         "finetune": {"epochs": 1, "batch_size": 64, "lr": 1e-9, "freeze_backbone": True},
         "quantize": {"sensitivity_parts": PARTS, "variants": [
@@ -48,7 +48,7 @@ class Outcome:
         torch.save(with_outlier(run.model, run.calib, run.x_val).state_dict(), path)
         self.spec = parse_spec(outlier_spec(str(path)))
         self.store = run.store
-        self.plan = {n["id"]: n for n in build_plan(self.spec, prepare_sources(self.spec, run.store))}
+        self.plan = nodes_of(self.spec, run.store)
         self.summary = run_in_process(self.spec, run.store)
         self.variants = {v["name"]: v for v in self.summary["variants"]}
 
@@ -57,8 +57,8 @@ class Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
-    return Outcome(Trained(tmp_path_factory.mktemp("sensitivity")))
+def outcome(finetuned: Finetuned, tmp_path_factory: pytest.TempPathFactory) -> Outcome:
+    return Outcome(Trained(finetuned, tmp_path_factory.mktemp("sensitivity")))
 
 
 def test_plan_splits_the_layers_into_parts_shared_by_variants_that_convert_alike(outcome: Outcome) -> None:
@@ -164,10 +164,10 @@ def test_each_static_variant_runs_on_every_runtime_or_says_why_not(outcome: Outc
         assert all("pip install 'qpipe[runtimes]'" in why for why in skipped.values()), skipped
         for rt, m in forms.items():  # the same int8 model: top-1 within 2 points of the TorchScript form
             assert abs(m["accuracy_top1"] - forms["torchscript"]["accuracy_top1"]) <= 0.02, (v["name"], rt, m)
-        for b, rt in v["runtime"].items():  # served by the fastest form within the budget
-            usable = {r: m for r, m in forms.items()
-                      if r == "torchscript" or base - m["accuracy_top1"] <= budget + 1e-12}
-            assert rt == min(usable, key=lambda r: usable[r]["latency_ms_p50"][b]), (v["name"], b, usable)
+        for b, rt in v["runtime"].items():  # served by the fastest form within the budget, else TorchScript
+            usable = {r: m for r, m in forms.items() if base - m["accuracy_top1"] <= budget + 1e-12}
+            assert rt == min(usable, key=lambda r: usable[r]["latency_ms_p50"][b], default="torchscript"), \
+                (v["name"], b, usable)
             assert v["latency_ms_p50"][b] == forms[rt]["latency_ms_p50"][b]
     chosen = outcome.summary["selection_per_batch"]
     assert chosen["1"]["variant"] == outcome.summary["selected"] == "minmax-fallback"
