@@ -2,8 +2,9 @@
 
 The spec's refusals; the plan (one ingest, a finetune per arch, ids that carry the arch, and keys
 equal to those of the same arch and variant without a sweep); the canvas (every node once, each
-after its inputs); the report stage on hand-made results (each drop against its own arch's fp32,
-and the selection over the whole grid); and one tiny sweep of two archs run in process.
+after its inputs); and one tiny sweep of two archs run in process. The report stage on a grid
+(each drop against its own arch's fp32, the selection over the whole grid) is in
+tests/stages/test_report.py.
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ from celery import group
 
 from pipeline.errors import SpecError
 from pipeline.plan import build_plan
-from pipeline.plots import accuracy_latency
-from pipeline.report import markdown, table, text_table
+from pipeline.report import markdown, text_table
 from pipeline.runner import prepare_sources, run_in_process
 from pipeline.spec import BenchmarkSpec, load_spec, parse_spec
-from pipeline.stages import execute, manifest_key
 from pipeline.store import FileStore
-from tests.conftest import plan_of
-from tests.test_report import _bench_manifest
+from tests.helpers import plan_of
 from workers.app import create_app
 from workers.canvas import build_canvas
 from workers.cli import print_summary
@@ -209,72 +207,6 @@ def test_canvas_holds_every_node_once_after_its_inputs(plan_store: FileStore) ->
     single = build_canvas(create_app("redis://127.0.0.1:1/0"), plan_of(edited(
         sweep=None, quantize={"variants": SETS["ptq"]}), plan_store), "run-2", "file:///store")
     assert [t.args[1]["id"] for t in single.tasks[:2]] == ["ingest", "finetune"]
-
-
-# ------------------------------------------------------------------------------ report stage
-
-def test_report_stage_measures_each_drop_against_its_own_arch(tmp_path: Path) -> None:
-    """mobilenet_v2's fp32 is far below resnet18's: against its own it loses 0.005 (within the
-    budget of 0.01), against resnet18's it would lose 0.155. The fastest model, dynamic on
-    mobilenet_v2, loses 0.1 against its own fp32 and is not eligible."""
-    store = FileStore(tmp_path)
-    store.put_json(manifest_key("ingest", "data0"), {"stage": "ingest", "key": "data0", "classes": ["a", "b"],
-                                                     "sizes": {"train": 8, "val": 2}, "skipped": []})
-    results = {  # display name -> (arch, set, method, top-1, p50 at batch 1); dynamic@resnet18 never came
-        "fp32@resnet18": ("resnet18", None, "fp32", 0.95, 5.0),
-        "ptq@resnet18": ("resnet18", "ptq", "static", 0.945, 2.0),
-        "dynamic@resnet18": ("resnet18", "dyn", "dynamic", None, None),
-        "fp32@mobilenet_v2": ("mobilenet_v2", None, "fp32", 0.80, 3.0),
-        "ptq@mobilenet_v2": ("mobilenet_v2", "ptq", "static", 0.795, 1.0),
-        "dynamic@mobilenet_v2": ("mobilenet_v2", "dyn", "dynamic", 0.70, 0.5),
-    }
-    inputs = {"data": {"stage": "ingest", "key": "data0", "id": "ingest"}}
-    variants = []
-    for name, (arch, set_name, method, acc, p50) in results.items():
-        key = f"b-{name.replace('@', '-')}"
-        variants.append({"name": name, "method": method, "arch": arch, "set": set_name})
-        inputs[f"bench_{name}"] = {"stage": "benchmark", "key": key, "id": f"benchmark:{name}"}
-        if acc is not None:  # the benchmark's own name is the variant's, without the arch
-            store.put_json(manifest_key("benchmark", key),
-                           _bench_manifest(key, name.split("@")[0], method, acc, p50, 1_000_000))
-    node = {"id": "report", "stage": "report", "variant": None, "key": "report0", "inputs": inputs,
-            "input_digests": {}, "config": {"name": "grid", "accuracy_budget": 0.01, "batch_sizes": [1, 8],
-                                            "variants": variants}}
-    s = execute(node, store, run_id="grid-1").manifest["summary"]
-    assert list(s["baselines"]) == ARCHS and s["baseline"] == s["baselines"]["resnet18"]
-    assert s["baselines"]["mobilenet_v2"]["name"] == "fp32@mobilenet_v2"
-    rows = {v["name"]: v for v in s["variants"]}
-    assert list(rows) == [n for n in results if not n.startswith("fp32")]
-    assert rows["ptq@mobilenet_v2"]["accuracy_drop"] == pytest.approx(0.005)
-    assert rows["dynamic@mobilenet_v2"]["accuracy_drop"] == pytest.approx(0.10)
-    assert rows["ptq@resnet18"]["accuracy_drop"] == pytest.approx(0.005)
-    assert {(v["variant"], v["arch"], v["set"]) for v in rows.values()} == {
-        ("ptq", "resnet18", "ptq"), ("dynamic", "resnet18", "dyn"), ("ptq", "mobilenet_v2", "ptq"),
-        ("dynamic", "mobilenet_v2", "dyn")}
-    assert rows["dynamic@resnet18"]["accuracy_top1"] is None and s["status"] == "FAILED"
-    assert s["selected"] == "ptq@mobilenet_v2", s["selection_reason"]
-    assert "2 variant(s)" in s["selection_reason"]
-    # one table: every baseline and variant, each arch's fp32 first, drops against its own fp32
-    rows_out = table(s)
-    assert rows_out[0][:6] == ["variant", "arch", "set", "method", "top-1", "drop vs fp32"]
-    assert [r[:3] for r in rows_out[1:]] == [["fp32", "resnet18", "-"], ["ptq", "resnet18", "ptq"],
-                                             ["dynamic", "resnet18", "dyn"], ["fp32", "mobilenet_v2", "-"],
-                                             ["ptq", "mobilenet_v2", "ptq"], ["dynamic", "mobilenet_v2", "dyn"]]
-    assert [r[5] for r in rows_out[1:]] == ["(baseline)", "+0.0050", "-", "(baseline)", "+0.0050", "+0.1000"]
-    assert [r[-1] for r in rows_out[1:]] == ["", "", "", "", "*", ""]
-    # one plot: every model labelled name@arch, no single budget line, the out-of-budget point hollow
-    ax = accuracy_latency(s).axes[0]
-    assert [t.get_text() for t in ax.texts] == [n for n in results if n != "dynamic@resnet18"]
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert {"resnet18", "mobilenet_v2", "selected: ptq@mobilenet_v2"} <= set(legend)
-    assert not any(label.startswith("accuracy budget") for label in legend)
-    hollow = [c for c in ax.collections if len(c.get_offsets()) == 1 and len(c.get_facecolors()) == 0]
-    assert {tuple(c.get_offsets()[0]) for c in hollow} == {(0.5, 0.70), (1.0, 0.795)}  # and the selection ring
-    md = store.get_bytes(store.key_of(s["report"])).decode()
-    assert "| ptq | mobilenet_v2 | ptq | static | 0.7950 | +0.0050 |" in md
-    assert "so no single budget line is drawn" in md and "Not shown (no result): dynamic@resnet18." in md
-    page = store.get_bytes(store.key_of(s["report_html"])).decode()
-    assert page.count('<tr class="failed">') == 1 and page.count('<tr class="selected">') == 1
 
 
 # ------------------------------------------------------------------------------ a tiny run
