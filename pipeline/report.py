@@ -28,6 +28,8 @@ from pipeline.summary import (
     ordered,
     selection_batch,
     sensitivity_groups,
+    served_top1,
+    skipped_runtimes,
     trained_on,
 )
 
@@ -38,14 +40,25 @@ from pipeline.summary import per_batch as per_batch
 from pipeline.summary import select as select
 
 
+def _per_batch(values: dict[str, float], fmt: str) -> str:
+    """One figure per batch size in one cell: the figure alone when every batch size has the
+    same, else each with its batch size ("0.9777 @1, 0.9749 @32")."""
+    if len(set(values.values())) <= 1:
+        return format(next(iter(values.values())), fmt) if values else "-"
+    return ", ".join(f"{v:{fmt}} @{b}" for b, v in values.items())
+
+
 def table(summary: dict[str, Any]) -> list[list[str]]:
     """Rows (with a header) of the variant table that the CLI prints and the report shows. A
     sweep's table has arch and set columns, lists each arch's fp32 (FAILED if it was not
-    measured) before that arch's variants, and gives each drop against the row's own arch's fp32."""
+    measured) before that arch's variants, and gives each drop against the row's own arch's fp32.
+    Top-1, drop and p50 are those of the runtime serving the row at each batch size (named next
+    to the p50 unless TorchScript); speedup is the fastest fp32 form's p50 over the row's."""
     batches = [str(b) for b in summary.get("batch_sizes", [])]
     sweep = is_sweep(summary)
     header = ["variant"] + (["arch", "set"] if sweep else []) + ["method", "top-1", "drop vs fp32"] + \
-             [f"p50 ms @{b}" for b in batches] + ["size", "int8/fp32 layers", "selected"]
+             [f"p50 ms @{b}" for b in batches] + [f"speedup @{b}" for b in batches] + \
+             ["size", "int8/fp32 layers", "selected"]
     rows = [header]
     listed = ordered(summary)
     if sweep:
@@ -55,14 +68,18 @@ def table(summary: dict[str, Any]) -> list[list[str]]:
     for v in listed:
         where = [v.get("variant", v["name"]), v.get("arch") or "-", v.get("set") or "-"] if sweep else [v["name"]]
         if v.get("accuracy_top1") is None:
-            rows.append(where + [v.get("method", "?"), "FAILED", "-"] + ["-"] * len(batches) +
+            rows.append(where + [v.get("method", "?"), "FAILED", "-"] + ["-"] * 2 * len(batches) +
                         ["-", "-", ""])
             continue
         base = baseline_of(summary, v)
-        drop = "" if is_baseline(summary, v) else f"{base['accuracy_top1'] - v['accuracy_top1']:+.4f}" if base else "-"
+        top1 = {b: t for b, t in served_top1(v).items() if b in batches}
+        drop = "(baseline)" if is_baseline(summary, v) else "-" if not base else \
+            _per_batch({b: base["accuracy_top1"] - t for b, t in top1.items()}, "+.4f")
+        speedup = v.get("speedup_vs_fp32") or {}
         layers = "-" if v.get("int8_layers") is None else f"{v['int8_layers']}/{v['fp32_layers']}"
-        rows.append(where + [v["method"], f"{v['accuracy_top1']:.4f}", drop or "(baseline)"] +
+        rows.append(where + [v["method"], _per_batch(top1, ".4f"), drop] +
                     [_latency_cell(v, b) for b in batches] +
+                    [f"{speedup[b]:.2f}x" if b in speedup else "-" for b in batches] +
                     [_mb(v["size_bytes"]), layers, "*" if summary.get("selected") == v["name"] else ""])
     return rows
 
@@ -112,7 +129,7 @@ CAPTIONS = {
 
 
 SENSITIVITY_ROWS = 10  # layers listed per variant in the report's sensitivity table
-NUMERIC = {"top-1", "drop vs fp32", "size", "int8/fp32 layers"}  # right-aligned in HTML, with the p50 columns
+NUMERIC = {"top-1", "drop vs fp32", "size", "int8/fp32 layers"}  # right-aligned in HTML, with p50 and speedup
 
 
 def _mb(n: int | None) -> str:
@@ -222,7 +239,7 @@ def _table(rows: list[list[str]], **kw: Any) -> Table:
 def _variant_table(summary: dict[str, Any]) -> Table:
     rows = table(summary)
     header = rows[0]
-    numeric = [h in NUMERIC or h.startswith("p50") for h in header]
+    numeric = [h in NUMERIC or h.startswith(("p50", "speedup")) for h in header]
     selected, top1 = header.index("selected"), header.index("top-1")
     return Table(css="variants", header=[Cell(h) for h in header],
                  rows=[[Cell(c, "num" if n else "") for c, n in zip(r, numeric, strict=True)] for r in rows[1:]],
@@ -247,9 +264,42 @@ def _overview(summary: dict[str, Any]) -> Section:
         names = [s for c in data["class_names"] for s in (Span(", "), Span(str(c), "code"))][1:]
         blocks.append(Paragraph(only="html", fold=f"Classes ({len(data['class_names'])})", spans=names))
     blocks.append(_variant_table(summary))
+    blocks.append(_text(served_note(summary)))
     blocks.append(Paragraph(spans=[Span("Selected: "), Span(str(summary.get("selected") or "none"), "strong"),
                                    Span(f": {summary.get('selection_reason', '')}")]))
+    skipped = skipped_lines(summary)
+    if skipped:
+        blocks.append(Items(css="notes", items=[[Span(line)] for line in skipped]))
     return Section(f"qpipe report: {summary.get('name', '')}", blocks, level=1)
+
+
+def served_note(summary: dict[str, Any]) -> str:
+    """What the table's figures are, and where each fp32 baseline is served (``fp32_served``)."""
+    text = ("Top-1, drop and p50 are those of the runtime that serves each model at that batch size (named after "
+            "the p50 unless it is TorchScript); the drop is against the fp32 model's top-1 in PyTorch. Speedup: "
+            "the fastest fp32 form's p50 over the model's, at the same batch size.")
+    served = fp32_served(summary)
+    return f"{text} The fp32 baseline's fastest form, which speedups are against: {served}." if served else text
+
+
+def fp32_served(summary: dict[str, Any]) -> str:
+    """Where each fp32 baseline is served, and how much faster than its TorchScript file where
+    it is not: "fp32 on onnxruntime @1, torchscript @8 (vs its TorchScript file: 1.52x @1)"."""
+    parts = []
+    for base in (summary.get("baselines") or {None: summary.get("baseline")}).values():
+        if not (base and base.get("runtime")):
+            continue
+        ts = base.get("speedup_vs_fp32_torchscript") or {}
+        faster = [f"{ts[b]:.2f}x @{b}" for b, rt in base["runtime"].items() if rt != "torchscript" and b in ts]
+        parts.append(f"{base['name']} on {', '.join(f'{rt} @{b}' for b, rt in base['runtime'].items())}"
+                     + (f" (vs its TorchScript file: {', '.join(faster)})" if faster else ""))
+    return "; ".join(parts)
+
+
+def skipped_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per runtime that some model was not measured on, with the models and why: what
+    the CLI prints and the report lists under the table."""
+    return [f"{rt} skipped for {', '.join(names)}: {why}" for rt, why, names in skipped_runtimes(summary)]
 
 
 def _layer_sections(summary: dict[str, Any]) -> list[Section]:
@@ -272,17 +322,21 @@ def _layer_sections(summary: dict[str, Any]) -> list[Section]:
         text.append("Latency cost: the variant's p50 minus that of the same model with every layer int8, both "
                     "timed by the benchmark stage in the same task.")
         out.append(Section("Accuracy-budget fallback", [*map(_text, text), _table(rows)]))
-    measured = [v for v in summary.get("variants", []) if v.get("runtimes") and len(v["runtimes"]) > 1
+    measured = [v for v in ordered(summary) if v.get("runtimes") and len(v["runtimes"]) > 1
                 or v.get("skipped_runtimes")]
     if measured:
         rows = [["variant", "runtime", "top-1"] + [f"p50 ms @{b}" for b in batches] + ["size", "serves"]]
         text = ["Each static variant runs as its TorchScript file in PyTorch and as its ONNX QDQ export (the same "
-                "int8 model) on ONNX Runtime and OpenVINO. At each batch size the variant is served by its fastest "
-                "runtime whose own top-1 is within the budget; dynamic and QAT variants run in PyTorch only."]
+                "int8 model) on ONNX Runtime and OpenVINO; the fp32 baseline runs as its TorchScript file and as a "
+                "float ONNX export. At each batch size a model is served by its fastest runtime whose own top-1 is "
+                "within the budget of the fp32 model's top-1 in PyTorch; dynamic and QAT variants run in PyTorch "
+                "only. OpenVINO runs float parts at its CPU plugin's default precision, named in brackets (bf16 on "
+                "CPUs with AMX)."]
         for v in measured:
             for rt, m in v.get("runtimes", {}).items():
                 serves = [b for b in batches if (v.get("runtime") or {}).get(b) == rt]
-                rows.append([v["name"], rt, f"{m['accuracy_top1']:.4f}"] +
+                precision = m.get("inference_precision")
+                rows.append([v["name"], rt + (f" ({precision})" if precision else ""), f"{m['accuracy_top1']:.4f}"] +
                             [f"{m['latency_ms_p50'][b]:.2f}" for b in batches] +
                             [_mb(m.get("size_bytes")), ", ".join(f"@{b}" for b in serves) or "-"])
             for rt, why in (v.get("skipped_runtimes") or {}).items():

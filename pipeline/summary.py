@@ -6,6 +6,14 @@ summary is plain JSON (``summary.json``): ``baseline`` (the fp32 row), ``variant
 quantized variant, ``accuracy_top1`` None where it failed), ``selected`` and its reason,
 ``selection_per_batch``, ``data``, ``failures`` and the training ``history``.
 
+Every row, the fp32 baseline's too, is served at each batch size by its fastest runtime within
+the budget (``choose_runtimes``): ``runtime`` names it per batch, the latency fields hold its
+figures and ``accuracy_top1_served`` its own top-1. ``accuracy_top1`` and ``accuracy_drop`` stay
+the PyTorch (TorchScript) form's, the model's reference figures; ``accuracy_drop_served`` is the
+served form's drop, which the selection reads. ``speedup_vs_fp32`` is the fastest fp32 form's p50
+over the row's at the same batch size, ``speedup_vs_fp32_torchscript`` the fp32 TorchScript
+file's over the row's.
+
 In a sweep (plan entries with an ``arch``) there is one fp32 baseline per arch, under
 ``baselines``; ``baseline`` stays the first arch's. Each row is named like its plan node
 (``variant@arch``), carries its ``variant``, ``arch`` and ``set``, and its ``accuracy_drop`` is
@@ -126,48 +134,96 @@ def entry(bench: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def served_top1(row: dict[str, Any]) -> dict[str, float]:
+    """{batch: top-1 of the form that serves ``row`` at that batch}; a row from before the
+    runtimes were chosen (or measured in TorchScript only) has its one top-1 at every batch."""
+    return row.get("accuracy_top1_served") or {b: row["accuracy_top1"] for b in row.get("latency_ms_p50", {})}
+
+
 def choose_runtimes(row: dict[str, Any], baseline_accuracy: float | None, budget: float) -> None:
     """Serve ``row`` at each batch size with its fastest runtime whose own top-1 is within
-    ``budget`` of the fp32 baseline, in place: ``runtime`` becomes {batch: runtime} and the
-    latency fields hold that runtime's figures (``runtimes`` keeps every runtime's). A row
-    measured in TorchScript only, or without a baseline, keeps TorchScript."""
+    ``budget`` of the fp32 baseline, in place: ``runtime`` becomes {batch: runtime}, the
+    latency fields hold that runtime's figures and ``accuracy_top1_served`` its top-1
+    (``runtimes`` keeps every runtime's). A row with no form within the budget, measured in
+    TorchScript only, or without a baseline, keeps TorchScript. The fp32 baseline is served the
+    same way, against its own PyTorch top-1."""
     forms = row.get("runtimes") or {}
-    usable = {rt: m for rt, m in forms.items() if rt == "torchscript" or (
-        baseline_accuracy is not None and baseline_accuracy - m["accuracy_top1"] <= budget + TOLERANCE)}
-    row["runtime"] = {}
+    usable = {rt: m for rt, m in forms.items()
+              if baseline_accuracy is not None and baseline_accuracy - m["accuracy_top1"] <= budget + TOLERANCE}
+    row["runtime"], row["accuracy_top1_served"] = {}, {}
     for batch in list(row.get("latency_ms_p50", {})):
         best = min(usable, key=lambda rt: usable[rt]["latency_ms_p50"][batch], default="torchscript")
         row["runtime"][batch] = best
+        row["accuracy_top1_served"][batch] = usable[best]["accuracy_top1"] if best in usable else row["accuracy_top1"]
         if best != "torchscript":
             for f in LATENCY_FIELDS:
                 row[f] = {**row[f], batch: usable[best][f][batch]}
 
 
+def _ratios(num: dict[str, float], den: dict[str, float]) -> dict[str, float]:
+    return {b: round(num[b] / d, 3) for b, d in den.items() if b in num and d > 0}
+
+
+def compare(row: dict[str, Any], base: dict[str, Any]) -> None:
+    """Set ``row``'s figures against its fp32 baseline ``base`` (both served already), in place:
+    ``accuracy_drop_served`` {batch: drop of the served form vs the baseline's PyTorch top-1}
+    (not for the baseline itself), ``speedup_vs_fp32`` {batch: the fastest fp32 form's p50 /
+    the row's} and ``speedup_vs_fp32_torchscript`` {batch: the fp32 TorchScript file's p50 /
+    the row's}."""
+    if row is not base:
+        row["accuracy_drop_served"] = {b: base["accuracy_top1"] - top for b, top in served_top1(row).items()}
+    fp32_torchscript = ((base.get("runtimes") or {}).get("torchscript") or {}).get("latency_ms_p50") \
+        or base["latency_ms_p50"]  # a baseline measured in TorchScript only
+    row["speedup_vs_fp32"] = _ratios(base["latency_ms_p50"], row["latency_ms_p50"])
+    row["speedup_vs_fp32_torchscript"] = _ratios(fp32_torchscript, row["latency_ms_p50"])
+
+
+def skipped_runtimes(summary: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """The runtimes some model was not measured on, each reason once: [(runtime, why, the
+    names of the baselines and variants it was skipped for)], in ``ordered`` order."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for row in ordered(summary):
+        for rt, why in (row.get("skipped_runtimes") or {}).items():
+            found.setdefault((rt, str(why)), []).append(str(row["name"]))
+    return [(rt, why, names) for (rt, why), names in found.items()]
+
+
+def _drop_at(v: dict[str, Any], batch: str) -> float | None:
+    """The top-1 drop of the form serving ``v`` at ``batch`` (``accuracy_drop`` before runtimes
+    were chosen)."""
+    return (v.get("accuracy_drop_served") or {}).get(batch, v.get("accuracy_drop"))
+
+
 def select(variants: list[dict], budget: float, batch: str) -> tuple[str | None, str]:
-    """The fastest variant at ``batch`` whose top-1 drop vs its fp32 baseline (each row's
-    ``accuracy_drop``, set by ``build``) is within ``budget``."""
+    """The fastest variant at ``batch`` whose top-1 drop vs its fp32 baseline, measured on the
+    runtime that serves it there (``accuracy_drop_served``, set by ``build``; else
+    ``accuracy_drop``), is within ``budget``."""
     measured = [v for v in variants if v.get("accuracy_top1") is not None]
     if measured and all(v.get("accuracy_drop") is None for v in measured):
         return None, "no fp32 baseline was measured"
-    ok = [v for v in measured if v.get("accuracy_drop") is not None and v["accuracy_drop"] <= budget + TOLERANCE]
+    ok = [v for v in measured if _drop_at(v, batch) is not None and _drop_at(v, batch) <= budget + TOLERANCE]
     if not ok:
         return None, f"no variant is within the accuracy budget of {budget:.4f}"
     best = min(ok, key=lambda v: v["latency_ms_p50"][batch])
     runtime = (best.get("runtime") or {}).get(batch, "torchscript")
-    return best["name"], (f"fastest at batch {batch} ({best['latency_ms_p50'][batch]:.2f} ms p50 on {runtime}) "
-                          f"among {len(ok)} variant(s) within the accuracy budget of {budget:.4f}")
+    return best["name"], (f"fastest at batch {batch} ({best['latency_ms_p50'][batch]:.2f} ms p50 on {runtime}, "
+                          f"top-1 {served_top1(best)[batch]:.4f}) among {len(ok)} variant(s) within the accuracy "
+                          f"budget of {budget:.4f}")
 
 
 def per_batch(variants: list[dict], budget: float, batch_sizes: list) -> dict[str, dict[str, Any]]:
-    """For each batch size, what to deploy: the selected variant, the runtime that serves it and
-    its p50 (batch sizes where nothing is within the budget are left out)."""
+    """For each batch size, what to deploy: the selected variant, the runtime that serves it, its
+    p50 and top-1 there and, where there is a baseline, its speedup over the fastest fp32 form
+    (batch sizes where nothing is within the budget are left out)."""
     out = {}
     for b in (str(b) for b in batch_sizes):
         name, _ = select(variants, budget, b)
         if name is not None:
             row = next(v for v in variants if v["name"] == name)
+            speedup = (row.get("speedup_vs_fp32") or {}).get(b)
             out[b] = {"variant": name, "runtime": (row.get("runtime") or {}).get(b, "torchscript"),
-                      "latency_ms_p50": row["latency_ms_p50"][b]}
+                      "latency_ms_p50": row["latency_ms_p50"][b], "accuracy_top1": served_top1(row)[b],
+                      **({"speedup_vs_fp32": speedup} if speedup is not None else {})}
     return out
 
 
@@ -193,6 +249,10 @@ def build(cfg: ReportConfig, data: dict[str, Any] | None, benches: dict[str, dic
     # arch -> its fp32 row (None if not measured); without a sweep, the one baseline under None
     baselines = {v.get("arch"): _placed(entry(benches[v["name"]]), v) if v["name"] in benches else None
                  for v in cfg.variants if v["method"] == "fp32"}
+    for base in baselines.values():  # each fp32 on its fastest form, which the speedups are against
+        if base:
+            choose_runtimes(base, base["accuracy_top1"], budget)
+            compare(base, base)
     baseline = next(iter(baselines.values()), None)  # the first arch's
     variants = []
     for v in (v for v in cfg.variants if v["method"] != "fp32"):
@@ -202,6 +262,8 @@ def build(cfg: ReportConfig, data: dict[str, Any] | None, benches: dict[str, dic
             if base:
                 row["accuracy_drop"] = base["accuracy_top1"] - row["accuracy_top1"]
             choose_runtimes(row, base["accuracy_top1"] if base else None, budget)
+            if base:
+                compare(row, base)
             variants.append(row)
         else:
             variants.append(_placed({"name": v["name"], "method": v["method"], "accuracy_top1": None,

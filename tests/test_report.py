@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import html
+import io
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import pytest
 
 from pipeline.data import calibration_note
 from pipeline.plots import FILES, accuracy_latency, pareto_front, render_all, sizes, training
-from pipeline.report import html_page, layer_matrix, markdown
+from pipeline.report import html_page, layer_matrix, markdown, table
 from pipeline.stages import execute, manifest_key
 from pipeline.store import FileStore
 
@@ -269,7 +270,7 @@ def test_markdown_shows_the_pictures_and_the_layer_table() -> None:
     # a file name with a '|' and a backtick stays one list item, in a code span that holds it literally
     assert "- `` evil/<script>document.title='pwned'</script>|`tick`.png ``: not an image" in md
     rows = [line for line in md.splitlines() if line.startswith("| broken ")]
-    assert rows and rows[0].count("|") == 10  # nine columns
+    assert rows and rows[0].count("|") == 12  # eleven columns: p50 and speedup at each of the two batch sizes
     del s["plots"]
     assert "![" not in markdown(s, LAYERS)
 
@@ -480,3 +481,129 @@ def test_the_report_stage_survives_a_broken_plot(tmp_path: Path) -> None:
     page = store.get_bytes("runs/r-2/report.html").decode()
     assert "training curves plot could not be drawn: KeyError" in page
     assert not store.exists(f"runs/r-2/{FILES['training']}")
+
+
+# ------------------------------------------------------------------------------ runtimes in the summary
+
+MISSING_OPENVINO = "the openvino runtime needs the Python package 'openvino' (No module named 'openvino'): " \
+                   "pip install 'qpipe[runtimes]'"
+
+
+def _forms_manifest(name: str, method: str, forms: dict[str, tuple[float, float, float]],
+                    skipped: dict[str, str] | None = None) -> dict:
+    """A benchmark manifest measured on several runtimes: {runtime: (top-1, p50 @1, p50 @8)};
+    TorchScript's are the manifest's metrics, as the benchmark stage writes them."""
+    measured = {rt: {"accuracy_top1": top1, "latency_ms_p50": {"1": p1, "8": p8},
+                     "latency_ms_p95": {"1": p1 * 1.1, "8": p8 * 1.1}, "throughput_ips": {"1": 1e3 / p1, "8": 8e3 / p8},
+                     "size_bytes": 1000, "artifact": f"file:///store/{name}/model.{rt}",
+                     **({"inference_precision": "bf16"} if rt == "openvino" else {})}
+                for rt, (top1, p1, p8) in forms.items()}
+    ts = measured["torchscript"]
+    return {"name": name, "method": method, "format": "torchscript", "runtimes": measured,
+            "metrics": {k: ts[k] for k in ("accuracy_top1", "latency_ms_p50", "latency_ms_p95", "throughput_ips",
+                                           "size_bytes")},
+            **({"skipped_runtimes": skipped} if skipped else {}),
+            "outputs": {"model": {"uri": f"file:///store/{name}/model.ts", "sha256": "ab" * 32, "size": 1000}}}
+
+
+def runtimes_summary() -> dict:
+    """fp32 fastest on ONNX Runtime at batch 1 and on OpenVINO at batch 8; ptq-minmax served on
+    OpenVINO, whose top-1 (0.9777) is not its TorchScript one (0.9749); ptq-ov-only out of the
+    budget in TorchScript (its fastest form at batch 1) but within it on OpenVINO, the fastest
+    model at batch 8; ptq-no-ov measured without OpenVINO, with the reason."""
+    from pipeline.stages.configs import ReportConfig
+    from pipeline.summary import build
+
+    benches = {
+        "fp32": _forms_manifest("fp32", "fp32", {"torchscript": (0.9760, 5.0, 30.0),
+                                                 "onnxruntime": (0.9760, 2.5, 20.0),
+                                                 "openvino": (0.9750, 3.0, 12.0)}),
+        "ptq-minmax": _forms_manifest("ptq-minmax", "static", {"torchscript": (0.9749, 2.0, 12.0),
+                                                               "onnxruntime": (0.9700, 1.5, 9.0),
+                                                               "openvino": (0.9777, 1.0, 6.0)}),
+        "ptq-ov-only": _forms_manifest("ptq-ov-only", "static", {"torchscript": (0.9500, 0.5, 8.0),
+                                                                 "openvino": (0.9700, 1.2, 4.0)}),
+        "ptq-no-ov": _forms_manifest("ptq-no-ov", "static", {"torchscript": (0.9740, 2.2, 14.0),
+                                                             "onnxruntime": (0.9740, 1.8, 10.0)},
+                                     skipped={"openvino": MISSING_OPENVINO}),
+    }
+    cfg = ReportConfig(name="rt", accuracy_budget=0.01, batch_sizes=[1, 8],
+                       variants=[{"name": n, "method": b["method"]} for n, b in benches.items()])
+    return build(cfg, None, benches, [], run_id="rt-1")
+
+
+def test_fp32_is_served_on_its_fastest_runtime_and_speedups_are_against_it() -> None:
+    s = runtimes_summary()
+    base = s["baseline"]
+    assert base["runtime"] == {"1": "onnxruntime", "8": "openvino"}
+    assert base["latency_ms_p50"] == {"1": 2.5, "8": 12.0}
+    assert base["accuracy_top1_served"] == {"1": 0.9760, "8": 0.9750} and base["accuracy_top1"] == 0.9760
+    assert base["speedup_vs_fp32"] == {"1": 1.0, "8": 1.0}
+    assert base["speedup_vs_fp32_torchscript"] == {"1": 2.0, "8": 2.5}
+    rows = {v["name"]: v for v in s["variants"]}
+    ptq = rows["ptq-minmax"]
+    assert ptq["runtime"] == {"1": "openvino", "8": "openvino"}
+    assert ptq["speedup_vs_fp32"] == {"1": 2.5, "8": 2.0}  # fp32's fastest form, not its TorchScript file
+    assert ptq["speedup_vs_fp32_torchscript"] == {"1": 5.0, "8": 5.0}
+    assert s["selection_per_batch"]["1"] == {"variant": "ptq-minmax", "runtime": "openvino", "latency_ms_p50": 1.0,
+                                             "accuracy_top1": 0.9777, "speedup_vs_fp32": 2.5}
+
+
+def test_every_row_shows_the_top1_of_the_runtime_that_serves_it() -> None:
+    s = runtimes_summary()
+    rows = {v["name"]: v for v in [s["baseline"], *s["variants"]]}
+    for name, v in rows.items():
+        for b, rt in v["runtime"].items():
+            assert v["accuracy_top1_served"][b] == v["runtimes"][rt]["accuracy_top1"], (name, b, rt)
+    ptq = rows["ptq-minmax"]
+    # the old keys keep their meaning (the PyTorch form's), the served ones are new
+    assert (ptq["accuracy_top1"], ptq["accuracy_top1_served"]) == (0.9749, {"1": 0.9777, "8": 0.9777})
+    assert ptq["accuracy_drop"] == pytest.approx(0.9760 - 0.9749)
+    assert ptq["accuracy_drop_served"] == pytest.approx({"1": 0.9760 - 0.9777, "8": 0.9760 - 0.9777})
+    # out of the budget in TorchScript (0.026), within it on OpenVINO: served there even where TorchScript is
+    # faster, and eligible, judged on the form that serves it
+    ov_only = rows["ptq-ov-only"]
+    assert ov_only["runtime"] == {"1": "openvino", "8": "openvino"} and ov_only["latency_ms_p50"]["1"] == 1.2
+    assert ov_only["accuracy_drop"] == pytest.approx(0.026) and ov_only["accuracy_drop_served"]["8"] < 0.01
+    assert s["selected"] == "ptq-minmax" and s["selection_per_batch"]["8"]["variant"] == "ptq-ov-only"
+    assert "on openvino, top-1 0.9777" in s["selection_reason"]
+
+    table_rows = {r[0]: r for r in table(s)}
+    header = table(s)[0]
+    col = {h: header.index(h) for h in header}
+    assert table_rows["ptq-minmax"][col["top-1"]] == "0.9777" and table_rows["ptq-minmax"][col["drop vs fp32"]] == \
+        "-0.0017"
+    assert table_rows["ptq-minmax"][col["p50 ms @1"]] == "1.00 (openvino)"
+    assert table_rows["ptq-minmax"][col["speedup @1"]] == "2.50x" and table_rows["fp32"][col["speedup @8"]] == "1.00x"
+    assert table_rows["fp32"][col["top-1"]] == "0.9760 @1, 0.9750 @8"
+    assert table_rows["ptq-ov-only"][col["top-1"]] == "0.9700" and table_rows["ptq-ov-only"][col["drop vs fp32"]] == \
+        "+0.0060"
+    md = markdown(s, {})
+    assert "| ptq-minmax | static | 0.9777 | -0.0017 | 1.00 (openvino) | 6.00 (openvino) | 2.50x | 2.00x |" in md
+    assert "| fp32 | openvino (bf16) | 0.9750 | 3.00 | 12.00 | 0.00 MB | @8 |" in md  # the Runtimes table
+    assert "fastest form, which speedups are against: fp32 on onnxruntime @1, openvino @8 (vs its TorchScript " \
+           "file: 2.00x @1, 2.50x @8)." in md
+
+
+def test_the_cli_summary_and_the_report_say_which_runtimes_were_skipped_and_why() -> None:
+    from workers.cli import print_summary
+
+    s = runtimes_summary()
+    out = io.StringIO()
+    print_summary(s, out=out)
+    printed = out.getvalue().splitlines()
+    assert f"runtime openvino skipped for ptq-no-ov: {MISSING_OPENVINO}" in printed, printed
+    assert any(line.startswith("top-1 and p50: the runtime serving each model") and "(fp32 on onnxruntime @1, "
+               "openvino @8 (vs its TorchScript file: 2.00x @1, 2.50x @8))" in line for line in printed), printed
+    assert f"- openvino skipped for ptq-no-ov: {MISSING_OPENVINO}" in markdown(s, {}).splitlines()
+    # one line per runtime and reason, naming every model it was skipped for
+    s["baseline"]["skipped_runtimes"] = {"openvino": MISSING_OPENVINO}
+    out = io.StringIO()
+    print_summary(s, out=out)
+    assert [line for line in out.getvalue().splitlines() if line.startswith("runtime ")] == \
+        [f"runtime openvino skipped for fp32, ptq-no-ov: {MISSING_OPENVINO}"]
+    for row in [s["baseline"], *s["variants"]]:
+        row.pop("skipped_runtimes", None)
+    out = io.StringIO()
+    print_summary(s, out=out)
+    assert "runtime openvino" not in out.getvalue() and "openvino skipped" not in markdown(s, {})

@@ -557,5 +557,5 @@ def test_each_batch_size_is_served_by_the_fastest_runtime_within_budget() -> Non
     choose_runtimes(r, 0.90, 0.1)
     assert r["runtime"] == {"1": "openvino", "32": "openvino"}
     picks = per_batch([r], 0.1, [1, 32])
-    assert picks == {"1": {"variant": "v", "runtime": "openvino", "latency_ms_p50": 1.0},
-                     "32": {"variant": "v", "runtime": "openvino", "latency_ms_p50": 10.0}}
+    assert picks == {"1": {"variant": "v", "runtime": "openvino", "latency_ms_p50": 1.0, "accuracy_top1": 0.85},
+                     "32": {"variant": "v", "runtime": "openvino", "latency_ms_p50": 10.0, "accuracy_top1": 0.85}}
