@@ -121,8 +121,9 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
     nodes = [finetune]
     bench_cfg = {"batch_sizes": b.batch_sizes, "threads": b.threads, "warmup": b.warmup,
                  "iterations": b.iterations, "backend": q.backend}  # BenchmarkConfig's shared fields
-    onnx = [r for r in b.runtimes if r != "torchscript"]  # the runtimes that run a static variant's ONNX export
-    benches = [(_node("benchmark", f"benchmark:fp32{at}", BenchmarkConfig(variant="fp32", method="fp32", **bench_cfg),
+    onnx = [r for r in b.runtimes if r != "torchscript"]  # the runtimes that run the ONNX exports (fp32, static)
+    benches = [(_node("benchmark", f"benchmark:fp32{at}", BenchmarkConfig(variant="fp32", method="fp32", **bench_cfg,
+                                                                          runtimes=onnx),
                       {"data": ingest, "model": finetune}, variant=f"fp32{at}"), None)]
     sets = spec.variant_sets()
     variants = [(v, set_name) for set_name, vs in sets.items() for v in vs]

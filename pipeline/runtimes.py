@@ -359,7 +359,7 @@ class OvRunner:
             m = self.model.clone()
             m.reshape(list(shape))
             compiled = self.compiled[shape] = self.core.compile_model(m, "CPU", self.config)
-            self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32, bf16, f16
             req = self.requests[shape] = compiled.create_infer_request()
         return req
 

@@ -380,3 +380,126 @@ def test_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_installed_runtime_is_not_missing(runtime: str) -> None:
     pytest.importorskip(runtime)
     assert runtimes.missing(runtime) is None
+
+
+# ------------------------------------------------------------------- the fp32 baseline's forms
+
+RUN_SPEC = {
+    "name": "fp32-forms", "seed": 0,
+    "data": {"source": "builtin:digits", "image_size": 16, "calib_size": 32},
+    "model": {"arch": "resnet18"},
+    "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
+    "quantize": {"variants": [{"name": "ptq-minmax", "method": "static", "observer": "minmax"}]},
+    "benchmark": {"batch_sizes": [1, 4], "threads": 1, "warmup": 1, "iterations": 3, "accuracy_budget": 0.05,
+                  "runtimes": list(runtimes.RUNTIMES)},
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(one_thread, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The whole plan in process on a file store: fp32 and one static variant, each measured
+    in TorchScript, on ONNX Runtime and on OpenVINO."""
+    from pipeline.runner import run_in_process
+    from pipeline.store import FileStore
+
+    for package in ("onnx", "onnxscript", "onnxruntime", "openvino"):
+        pytest.importorskip(package)
+    store = FileStore(tmp_path_factory.mktemp("fp32-forms"))
+    return {"store": store, "summary": run_in_process(RUN_SPEC, store)}
+
+
+def test_the_fp32_baseline_is_timed_on_every_runtime_and_served_on_its_fastest(pipeline_run: dict) -> None:
+    import onnx
+
+    s, store = pipeline_run["summary"], pipeline_run["store"]
+    assert s["status"] == "SUCCESS", s["failures"]
+    base, budget = s["baseline"], s["accuracy_budget"]
+    forms = base["runtimes"]
+    assert set(forms) == set(runtimes.RUNTIMES) and "skipped_runtimes" not in base
+    val = s["data"]["val"]
+    for rt, m in forms.items():
+        assert 0 < m["accuracy_top1"] <= 1 and all(m["latency_ms_p50"][b] > 0 for b in ("1", "4")), (rt, m)
+    # the float export is the same function: ONNX Runtime agrees with PyTorch but for a near tie (one image);
+    # OpenVINO may run it in bf16 (CPUs with AMX), which it says
+    assert abs(forms["onnxruntime"]["accuracy_top1"] - base["accuracy_top1"]) <= 1 / val + 1e-9, forms
+    assert abs(forms["openvino"]["accuracy_top1"] - base["accuracy_top1"]) <= 0.05, forms
+    assert forms["openvino"]["inference_precision"] in ("f32", "bf16", "f16"), forms["openvino"]
+    model = onnx.load_from_string(store.get_bytes(store.key_of(forms["onnxruntime"]["artifact"])))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["Conv"] == 20 and ops["Gemm"] + ops["MatMul"] == 1 and not ops["QuantizeLinear"], ops
+    # served at each batch size by its fastest form within the budget of its PyTorch top-1, with that form's top-1
+    for b, rt in base["runtime"].items():
+        usable = {r: m for r, m in forms.items() if base["accuracy_top1"] - m["accuracy_top1"] <= budget + 1e-12}
+        assert rt == min(usable, key=lambda r: usable[r]["latency_ms_p50"][b]), (b, usable)
+        assert base["latency_ms_p50"][b] == forms[rt]["latency_ms_p50"][b]
+        assert base["accuracy_top1_served"][b] == forms[rt]["accuracy_top1"]
+        assert base["speedup_vs_fp32"][b] == 1.0
+        assert base["speedup_vs_fp32_torchscript"][b] == \
+            round(forms["torchscript"]["latency_ms_p50"][b] / forms[rt]["latency_ms_p50"][b], 3)
+
+
+def test_each_row_carries_the_top1_of_its_served_form_and_its_speedup_over_the_fastest_fp32(
+        pipeline_run: dict) -> None:
+    s = pipeline_run["summary"]
+    base = s["baseline"]
+    [ptq] = s["variants"]
+    for b, rt in ptq["runtime"].items():
+        top1 = ptq["runtimes"][rt]["accuracy_top1"]
+        assert ptq["accuracy_top1_served"][b] == top1, (b, rt)
+        assert ptq["accuracy_drop_served"][b] == pytest.approx(base["accuracy_top1"] - top1)
+        assert ptq["speedup_vs_fp32"][b] == round(base["latency_ms_p50"][b] / ptq["latency_ms_p50"][b], 3)
+        assert ptq["speedup_vs_fp32_torchscript"][b] == \
+            round(base["runtimes"]["torchscript"]["latency_ms_p50"][b] / ptq["latency_ms_p50"][b], 3)
+    for b, pick in s["selection_per_batch"].items():
+        row = next(v for v in s["variants"] if v["name"] == pick["variant"])
+        assert pick["accuracy_top1"] == row["runtimes"][pick["runtime"]]["accuracy_top1"]
+        assert pick["speedup_vs_fp32"] == row["speedup_vs_fp32"][b]
+
+
+def test_a_runtime_that_cannot_be_imported_is_skipped_and_the_cli_says_why(
+        pipeline_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenVINO made unimportable in this process: the benchmarks (rerun: another iteration
+    count; fine-tuning and quantization come from the store's cache) measure the other forms,
+    record why OpenVINO was skipped, and ``qpipe run``'s summary prints it."""
+    import io
+
+    from pipeline.runner import run_in_process
+    from workers.cli import print_summary
+
+    spec = copy.deepcopy(RUN_SPEC)
+    spec["benchmark"]["iterations"] = 2
+    events: dict[str, str] = {}
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    s = run_in_process(spec, pipeline_run["store"], on_event=events.__setitem__)
+    assert events["finetune"] == events["quantize:ptq-minmax"] == "cached"
+    assert events["benchmark:fp32"] == events["benchmark:ptq-minmax"] == "done"
+    why = runtimes.missing("openvino")
+    assert why is not None and "pip install 'qpipe[runtimes]'" in why
+    for row in (s["baseline"], *s["variants"]):
+        assert row["skipped_runtimes"] == {"openvino": why}, row["name"]
+        assert set(row["runtimes"]) == {"torchscript", "onnxruntime"} and "openvino" not in row["runtime"].values()
+    out = io.StringIO()
+    print_summary(s, out=out)
+    assert f"runtime openvino skipped for fp32, ptq-minmax: {why}" in out.getvalue().splitlines(), out.getvalue()
+
+
+def test_fp32_export_failures_are_stage_errors_that_say_what_to_do(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model = torchvision.models.get_model(ARCH, weights=None, num_classes=10)
+
+    def fail(*args, **kwargs):
+        raise torch.onnx.errors.OnnxExporterError("Failed to convert the exported program\nstep 3/3")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.onnx, "export", fail)
+        with pytest.raises(StageError, match=r"exporting the fp32 model to ONNX \(x.onnx\) failed: "
+                                             r"OnnxExporterError: Failed to convert the exported program\. "):
+            runtimes.export_onnx_fp32(model, EXAMPLE, tmp_path / "x.onnx")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "onnxscript", None)
+        with pytest.raises(StageError, match=r"needs onnxscript, which cannot be imported: pip install 'qpipe\[runt"):
+            runtimes.export_onnx_fp32(model, EXAMPLE, tmp_path / "x.onnx")

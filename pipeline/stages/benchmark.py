@@ -8,19 +8,24 @@ batch 64 ran batch 1 about twice as slowly as a fresh one (measured by bench/pee
 deployed model is loaded once and serves one batch size; so is each timing here.
 
 A static variant exported as ONNX QDQ is measured the same way on each runtime of
-``cfg.runtimes`` (ONNX Runtime, OpenVINO; ``pipeline.runtimes``), and ``runtimes`` in the
-manifest holds every form's top-1, latency and size (TorchScript's too). A runtime whose package
-is missing, or a variant without an export, is listed in ``skipped_runtimes`` with the reason."""
+``cfg.runtimes`` (ONNX Runtime, OpenVINO; ``pipeline.runtimes``), and so is the fp32 baseline,
+exported here as a float ONNX model (``export_onnx_fp32``), so that speedups are against the
+fastest fp32 form rather than its TorchScript file. ``runtimes`` in the manifest holds every
+form's top-1, latency and size (TorchScript's too; OpenVINO's with the precision its plugin ran
+the float parts in). A runtime whose package is missing, or a model without an export, is listed
+in ``skipped_runtimes`` with the reason."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from pipeline.bench import measure_latency, threads
+from pipeline.errors import StageError
 from pipeline.quant import load_torchscript, set_engine
-from pipeline.runtimes import load_runner, missing
+from pipeline.runtimes import export_onnx_fp32, load_runner, missing
 from pipeline.stages import StageContext
-from pipeline.stages.common import load_split, norm
+from pipeline.stages.common import example_input, load_fp32, load_split, norm
 from pipeline.stages.configs import BenchmarkConfig
 from pipeline.store import ArtifactRef
 from pipeline.train import counting, evaluate, normalize
@@ -52,37 +57,49 @@ def time_each_batch(ctx: StageContext, cfg: BenchmarkConfig, fresh, xv, n: dict,
     return latency
 
 
-def other_runtimes(ctx: StageContext, cfg: BenchmarkConfig, producer: dict, xv, yv, n: dict) -> tuple[dict, dict, dict]:
-    """Top-1 and latency of the variant's ONNX export on each runtime of ``cfg.runtimes``
-    (ONNX Runtime, OpenVINO), timed like the TorchScript form: a fresh runner per batch size,
-    first called at that size. Returns ({runtime: metrics}, {runtime: why it was skipped}, the
-    stored ONNX file's reference or {})."""
-    wanted = cfg.runtimes
-    if not wanted:
-        return {}, {}, {}
+def onnx_file(ctx: StageContext, cfg: BenchmarkConfig, producer: dict, data: dict) -> tuple[Path, ArtifactRef]:
+    """The model's ONNX file here and its stored copy next to this manifest: the fp32 baseline
+    exported now from the fine-tuned weights, a variant's export made by its quantize stage.
+    Raises StageError, with the cause, where there is none."""
+    if cfg.method == "fp32":
+        path = export_onnx_fp32(load_fp32(ctx, producer, data), example_input(data), ctx.workdir / "model.onnx")
+        return path, ctx.store.put_file(f"{ctx.prefix}/model.onnx", path)
     ref = producer["outputs"].get("onnx")
     if ref is None:
-        why = (producer.get("export_errors") or {}).get("onnx", "the quantize stage made no ONNX export")
-        return {}, {rt: f"no ONNX export: {why}" for rt in wanted}, {}
-    path = ctx.fetch(ref, "model.onnx")
-    artifact = ctx.store.copy(ArtifactRef.from_dict(ref), f"{ctx.prefix}/model.onnx")
-    out, skipped = {}, {}
+        raise StageError((producer.get("export_errors") or {}).get("onnx", "the quantize stage made no ONNX export"))
+    return ctx.fetch(ref, "model.onnx"), ctx.store.copy(ArtifactRef.from_dict(ref), f"{ctx.prefix}/model.onnx")
+
+
+def other_runtimes(ctx: StageContext, cfg: BenchmarkConfig, producer: dict, data: dict, xv, yv,
+                   n: dict) -> tuple[dict, dict, dict]:
+    """Top-1 and latency of the model's ONNX form (``onnx_file``) on each runtime of
+    ``cfg.runtimes`` (ONNX Runtime, OpenVINO), timed like the TorchScript form: a fresh runner
+    per batch size, first called at that size. Returns ({runtime: metrics}, {runtime: why it was
+    skipped}, the stored ONNX file's reference or {})."""
+    skipped = {rt: why for rt in cfg.runtimes if (why := missing(rt))}
+    wanted = [rt for rt in cfg.runtimes if rt not in skipped]
+    if wanted:
+        try:
+            path, artifact = onnx_file(ctx, cfg, producer, data)
+        except StageError as err:  # the TorchScript form is measured all the same
+            skipped |= {rt: f"no ONNX export: {err}" for rt in wanted}
+            wanted = []
+    for rt, why in skipped.items():
+        log.info("%s: %s skipped: %s", cfg.variant, rt, why)
+    out = {}
     for rt in wanted:
-        why = missing(rt)
-        if why:
-            skipped[rt] = why
-            log.info("%s: %s skipped: %s", cfg.variant, rt, why)
-            continue
         ctx.progress(0.8, f"{rt}: accuracy")
         ctx.check_cancelled(every=0.0)
-        acc = evaluate(load_runner(rt, path, threads=cfg.threads, batch_size=None), xv, yv, batch_size=64,
-                       **n)["accuracy"]
+        runner = load_runner(rt, path, threads=cfg.threads, batch_size=None)
+        acc = evaluate(runner, xv, yv, batch_size=64, **n)["accuracy"]
         ctx.images(len(yv), "eval")
         latency = time_each_batch(ctx, cfg, lambda bs, rt=rt: load_runner(rt, path, threads=cfg.threads,
                                                                          batch_size=bs),
                                   xv, n, label=f"{rt}: ", progress=(0.85, 0.1))
-        out[rt] = {"accuracy_top1": acc, **_rounded(latency), "size_bytes": artifact.size, "artifact": artifact.uri}
-    return out, skipped, {"onnx": artifact.to_dict()}
+        precision = getattr(runner, "precision", None)  # OpenVINO's for the float parts (bf16 on CPUs with AMX)
+        out[rt] = {"accuracy_top1": acc, **_rounded(latency), "size_bytes": artifact.size, "artifact": artifact.uri,
+                   **({"inference_precision": precision} if precision else {})}
+    return out, {rt: skipped[rt] for rt in cfg.runtimes if rt in skipped}, {"onnx": artifact.to_dict()} if out else {}
 
 
 def benchmark(ctx: StageContext, cfg: BenchmarkConfig, inputs: dict) -> dict:
@@ -109,7 +126,7 @@ def benchmark(ctx: StageContext, cfg: BenchmarkConfig, inputs: dict) -> dict:
             base = {bs: v["p50_ms"] for bs, v in timed.items()}
             fallback = {**fallback, "latency_ms_p50_all_int8": {bs: round(v, 4) for bs, v in base.items()},
                         "latency_cost_ms": {bs: round(latency[bs]["p50_ms"] - base[bs], 4) for bs in base}}
-        runtimes, skipped, exported = other_runtimes(ctx, cfg, producer, xv, yv, n)
+        runtimes, skipped, exported = other_runtimes(ctx, cfg, producer, data, xv, yv, n)
     artifact = ctx.store.copy(ArtifactRef.from_dict(model_ref), f"{ctx.prefix}/model.ts")
     return {
         "name": cfg.variant,
