@@ -1,5 +1,6 @@
 """Helpers that test modules share: small specs, plans by node id, polling, one intra-op torch
-thread, and the fine-tuned ResNet18 that the calibration and sensitivity tests measure.
+thread, image, ImageFolder and archive builders, and the fine-tuned ResNet18 that the
+calibration and sensitivity tests measure.
 
 Fixtures live in ``tests/conftest.py``; this module holds the plain functions, classes and specs
 a test module imports. The fine-tuned model is built by ``finetune_once`` into a
@@ -12,15 +13,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import json
 import os
+import tarfile
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from filelock import FileLock
+from PIL import Image
 
 from pipeline.data import read_shards
 from pipeline.models import build_model, load_state_dict
@@ -91,6 +98,59 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------ images and archives
+
+def noise(w: int = 20, h: int = 20, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def encoded(img: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def make_folder(root: Path, layout: dict[str, int], seed: int = 0) -> Path:
+    """An ImageFolder with ``layout[class]`` random PNGs per class."""
+    for c, n in layout.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            noise(seed=seed * 1000 + sum(map(ord, c)) * 50 + i).save(root / c / f"{i:03d}.png")
+    return root
+
+
+def tar_of(path: Path, members: list[tuple[str, str, bytes | str]], mode: str = "w") -> Path:
+    """A tar archive of (name, kind, data) members: kind file (data: bytes), dir, symlink or
+    hardlink (data: the link's target)."""
+    with tarfile.open(path, mode) as tf:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                assert isinstance(data, bytes)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            elif kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            else:
+                info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+                info.linkname = str(data)
+                tf.addfile(info)
+    return path
+
+
+def zip_of(path: Path, members: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+        if symlink:  # (name, target): a member whose mode says symlink, as `zip --symlinks` stores one
+            info = zipfile.ZipInfo(symlink[0])
+            info.external_attr = 0o120777 << 16
+            zf.writestr(info, symlink[1])
+    return path
 
 
 # ------------------------------------------------------------------ the fine-tuned model

@@ -51,8 +51,8 @@ from pipeline.runner import prepare_sources, run_in_process
 from pipeline.spec import load_spec
 from pipeline.stages import execute
 from pipeline.store import FileStore
+from tests.helpers import encoded, make_folder, noise, tar_of, zip_of
 from tests.servers import RedisServer, free_port
-from tests.test_data import _tar, make_folder, noise  # the tests' one tar, ImageFolder and image builders
 from workers.client import Client
 
 SIZE = 16
@@ -75,12 +75,6 @@ def tiny_spec(source: str, name: str = "bad-input", **data: Any) -> dict:
 
 
 # ------------------------------------------------------------------------------ file makers
-
-def encoded(img: Image.Image, fmt: str, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
 
 def write_bytes(data: bytes | Callable[[], bytes]) -> Callable[[bytes, Path], None]:
     def write(path: bytes, root: Path) -> None:
@@ -209,14 +203,14 @@ def dataset_run(build: Callable[[Path], Path], **data: Any) -> Callable[[Ctx], A
 
 
 def abs_member_tar(tmp: Path) -> Path:
-    return _tar(tmp / "abs.tar", [*TWO_CLASSES, (str(tmp / "abs-evil.png"), "file", PNG)])
+    return tar_of(tmp / "abs.tar", [*TWO_CLASSES, (str(tmp / "abs-evil.png"), "file", PNG)])
 
 
 def truncated_tgz(keep: float) -> Callable[[Path], Path]:
     """A .tgz of the two classes cut to its first ``keep`` fraction: at 0.6 its first members
     read and then the gzip stream ends; at 0.01 it ends before the first tar header."""
     def build(tmp: Path) -> Path:
-        whole = _tar(tmp / "whole.tgz", TWO_CLASSES, "w:gz").read_bytes()
+        whole = tar_of(tmp / "whole.tgz", TWO_CLASSES, "w:gz").read_bytes()
         with tarfile.open(tmp / "whole.tgz") as tf:
             assert len(tf.getnames()) == len(TWO_CLASSES)
         return _write(tmp / "cut.tgz", whole[: int(len(whole) * keep)])
@@ -225,7 +219,7 @@ def truncated_tgz(keep: float) -> Callable[[Path], Path]:
 
 def tar_cut_between_members(tmp: Path) -> Path:
     """A plain .tar cut where its fourth member's header starts: it reads as a tar of three."""
-    whole = _tar(tmp / "whole.tar", TWO_CLASSES)
+    whole = tar_of(tmp / "whole.tar", TWO_CLASSES)
     with tarfile.open(whole) as tf:
         fourth = tf.getmembers()[3]
     return _write(tmp / "cut.tar", whole.read_bytes()[: fourth.offset])
@@ -233,7 +227,7 @@ def tar_cut_between_members(tmp: Path) -> Path:
 
 def corrupt_zip(tmp: Path) -> Path:
     """A .zip whose first member's compressed bytes are overwritten: its directory is intact."""
-    path = _zip(tmp / "damaged.zip", [(n, d) for n, _, d in TWO_CLASSES])
+    path = zip_of(tmp / "damaged.zip", [(n, d) for n, _, d in TWO_CLASSES])
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as zf:
         first = zf.infolist()[0]
@@ -456,20 +450,20 @@ CASES: list[Case] = [
          act=dataset_run(lambda t: make_folder(t / "two", {"a": 1, "b": 1}))),
     Case("tar-dotdot", "a .tar with a ../ member", "failed-stage",
          ("unsafe member path '../evil.png'", "rebuild the archive with relative paths"), stage="ingest",
-         act=dataset_run(lambda t: _tar(t / "dotdot.tar", [*TWO_CLASSES, ("../evil.png", "file", PNG)]))),
+         act=dataset_run(lambda t: tar_of(t / "dotdot.tar", [*TWO_CLASSES, ("../evil.png", "file", PNG)]))),
     Case("tar-absolute", "a .tar with an absolute member path", "failed-stage", "unsafe member path",
          stage="ingest", act=dataset_run(abs_member_tar)),
     Case("tar-symlink", "a .tar holding a symlink to /etc/passwd", "failed-stage",
          ("holds a link 'a/l.png' -> '/etc/passwd'", "store real files instead"), stage="ingest",
-         act=dataset_run(lambda t: _tar(t / "link.tar", [*TWO_CLASSES, ("a/l.png", "symlink", "/etc/passwd")]))),
+         act=dataset_run(lambda t: tar_of(t / "link.tar", [*TWO_CLASSES, ("a/l.png", "symlink", "/etc/passwd")]))),
     Case("zip-dotdot", "a .zip with a ../ member", "failed-stage", "unsafe member path", stage="ingest",
-         act=dataset_run(lambda t: _zip(t / "dotdot.zip", [*[(n, d) for n, _, d in TWO_CLASSES],
-                                                            ("../evil.png", PNG)]))),
+         act=dataset_run(lambda t: zip_of(t / "dotdot.zip", [*[(n, d) for n, _, d in TWO_CLASSES],
+                                                              ("../evil.png", PNG)]))),
     Case("archive-too-big", "a 30 KB .tar.gz expanding to 8 MB, over data.max_archive_bytes=1000000",
          "failed-stage", ("expands past data.max_archive_bytes=1000000", "raise the limit or split the dataset"),
          stage="ingest", act=dataset_run(
-             lambda t: _tar(t / "bomb.tar.gz", [*TWO_CLASSES, ("a/zeros.png", "file", b"\0" * (8 << 20))],
-                                "w:gz"), max_archive_bytes=1_000_000)),
+             lambda t: tar_of(t / "bomb.tar.gz", [*TWO_CLASSES, ("a/zeros.png", "file", b"\0" * (8 << 20))],
+                                  "w:gz"), max_archive_bytes=1_000_000)),
     Case("not-an-archive", "a text file named .tar", "failed-stage", "not a readable tar or zip", stage="ingest",
          act=dataset_run(lambda t: _write(t / "fake.tar", b"definitely not a tar\n" * 50))),
     Case("tgz-not-gzip", "a text file named .tgz", "failed-stage",
@@ -489,11 +483,12 @@ CASES: list[Case] = [
          act=dataset_run(corrupt_zip)),
     Case("tar-symlink-relative", "a .tar holding a symlink ../../../etc/passwd", "failed-stage",
          ("holds a link 'a/l.png' -> '../../../etc/passwd'", "store real files instead"), stage="ingest",
-         act=dataset_run(lambda t: _tar(t / "rel.tar", [*TWO_CLASSES, ("a/l.png", "symlink", "../../../etc/passwd")]))),
+         act=dataset_run(lambda t: tar_of(t / "rel.tar",
+                                           [*TWO_CLASSES, ("a/l.png", "symlink", "../../../etc/passwd")]))),
     Case("zip-symlink", "a .zip holding a symlink to /etc/passwd", "failed-stage",
          ("holds a symlink 'a/l.png'", "store real files instead"), stage="ingest",
-         act=dataset_run(lambda t: _zip(t / "link.zip", [(n, d) for n, _, d in TWO_CLASSES],
-                                        symlink=("a/l.png", "/etc/passwd")))),
+         act=dataset_run(lambda t: zip_of(t / "link.zip", [(n, d) for n, _, d in TWO_CLASSES],
+                                          symlink=("a/l.png", "/etc/passwd")))),
     Case("checkpoint-other-arch", "a mobilenet_v2 state_dict for model.arch resnet18", "failed-stage",
          ("does not fit resnet18", "check model.arch matches the checkpoint"), stage="finetune",
          act=checkpoint_run(state_dict_of("mobilenet_v2"))),
@@ -599,17 +594,6 @@ CASES: list[Case] = [
 ]
 OUTCOMES = ("refused", "skipped", "converted", "clamped", "failed-stage")
 SECRETS = ("WRONGSECRET", "hunter2secretpw", "WRONGBROKERPW", "guestpw")
-
-
-def _zip(path: Path, members: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members:
-            zf.writestr(name, data)
-        if symlink:  # (name, target): a member whose mode says symlink, as `zip --symlinks` stores one
-            info = zipfile.ZipInfo(symlink[0])
-            info.external_attr = 0o120777 << 16
-            zf.writestr(info, symlink[1])
-    return path
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -6,11 +6,9 @@ All images are generated here (Pillow, numpy); tiny sizes keep the file fast.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from pipeline.sources import SKIPPED_MEMBER, folder_to_tar, materialize_source, 
 from pipeline.spec import parse_spec
 from pipeline.stages import execute
 from pipeline.store import FileStore
+from tests.helpers import encoded, make_folder, noise, tar_of, zip_of
 
 SIZE = 16
 PRE = Preprocess(resize=SIZE, crop=SIZE)
@@ -33,26 +32,6 @@ BIG_LIMIT = 50_000_000  # the spec's default data.max_image_pixels
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-def noise(w: int = 20, h: int = 20, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def encoded(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return buf.getvalue()
-
-
-def make_folder(root: Path, layout: dict[str, int], seed: int = 0) -> Path:
-    """An ImageFolder with ``layout[class]`` random PNGs per class."""
-    for c, n in layout.items():
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            noise(seed=seed * 1000 + sum(map(ord, c)) * 50 + i).save(root / c / f"{i:03d}.png")
-    return root
-
 
 def files_under(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*")}
@@ -281,24 +260,6 @@ def test_non_utf8_special_file_does_not_crash_folder_to_tar(tmp_path: Path) -> N
 
 # --------------------------------------------------------------------------------- archives
 
-def _tar(path: Path, members: list[tuple[str, str, bytes | str]], mode: str = "w") -> Path:
-    with tarfile.open(path, mode) as tf:
-        for name, kind, data in members:
-            info = tarfile.TarInfo(name)
-            if kind == "file":
-                assert isinstance(data, bytes)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-            elif kind == "dir":
-                info.type = tarfile.DIRTYPE
-                tf.addfile(info)
-            else:
-                info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
-                info.linkname = str(data)
-                tf.addfile(info)
-    return path
-
-
 PNG = encoded(noise(), "PNG")
 
 
@@ -317,7 +278,7 @@ def test_unsafe_tar_is_refused_and_writes_nothing_outside(tmp_path: Path, member
     work.mkdir()
     evil_abs = tmp_path / "abs-evil"
     members = [(str(evil_abs) if n == "ABS" else n, k, d) for n, k, d in members]
-    archive = _tar(tmp_path / ("bad.tgz" if compression == "w:gz" else "bad.tar"), members, compression)
+    archive = tar_of(tmp_path / ("bad.tgz" if compression == "w:gz" else "bad.tar"), members, compression)
     before = files_under(tmp_path)
     dest = work / "a" / "b" / "dest"
     with pytest.raises(ConfigError, match=message):
@@ -330,27 +291,16 @@ def test_unsafe_tar_is_refused_and_writes_nothing_outside(tmp_path: Path, member
 
 
 def test_unsafe_tar_source_is_refused_by_the_ingest_stage(tmp_path: Path) -> None:
-    archive = _tar(tmp_path / "bad.tar", [("a/x.png", "file", PNG), ("b/y.png", "file", PNG),
-                                          ("../evil.png", "file", PNG)])
+    archive = tar_of(tmp_path / "bad.tar", [("a/x.png", "file", PNG), ("b/y.png", "file", PNG),
+                                            ("../evil.png", "file", PNG)])
     with pytest.raises(ConfigError, match="unsafe member path"):
         ingest(tmp_path, archive)
     assert not (tmp_path / "evil.png").exists()
 
 
-def _zip(path: Path, members: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members:
-            zf.writestr(name, data)
-        if symlink:
-            info = zipfile.ZipInfo(symlink[0])
-            info.external_attr = 0o120777 << 16
-            zf.writestr(info, symlink[1])
-    return path
-
-
 def test_zip_bomb_over_max_archive_bytes_is_refused(tmp_path: Path) -> None:
     zeros = b"\0" * (4 << 20)
-    archive = _zip(tmp_path / "bomb.zip", [("a/x.png", zeros), ("b/y.png", zeros)])
+    archive = zip_of(tmp_path / "bomb.zip", [("a/x.png", zeros), ("b/y.png", zeros)])
     assert archive.stat().st_size < 64 * 1024  # small on disk, 8 MiB expanded
     dest = tmp_path / "dest"
     with pytest.raises(ConfigError, match="max_archive_bytes"):
@@ -359,8 +309,8 @@ def test_zip_bomb_over_max_archive_bytes_is_refused(tmp_path: Path) -> None:
 
 
 def test_tar_over_max_archive_bytes_is_refused(tmp_path: Path) -> None:
-    archive = _tar(tmp_path / "big.tar.gz", [("a/x", "file", b"\0" * 300_000), ("b/y", "file", b"\0" * 300_000)],
-                   "w:gz")
+    archive = tar_of(tmp_path / "big.tar.gz", [("a/x", "file", b"\0" * 300_000), ("b/y", "file", b"\0" * 300_000)],
+                     "w:gz")
     with pytest.raises(ConfigError, match="max_archive_bytes"):
         safe_extract(archive, tmp_path / "dest", 500_000)
     with pytest.raises(ConfigError, match="max_archive_bytes"):
@@ -372,7 +322,7 @@ def test_tar_over_max_archive_bytes_is_refused(tmp_path: Path) -> None:
     pytest.param([("a/x.png", PNG)], ("a/l.png", "/etc/passwd"), "symlink", id="zip-symlink"),
 ])
 def test_unsafe_zip_is_refused(tmp_path: Path, members, symlink, message: str) -> None:
-    archive = _zip(tmp_path / "bad.zip", members, symlink)
+    archive = zip_of(tmp_path / "bad.zip", members, symlink)
     dest = tmp_path / "x" / "dest"
     with pytest.raises(ConfigError, match=message):
         safe_extract(archive, dest, 10**9)
@@ -380,11 +330,11 @@ def test_unsafe_zip_is_refused(tmp_path: Path, members, symlink, message: str) -
 
 
 def test_safe_archives_extract_to_the_dataset_root(tmp_path: Path) -> None:
-    tar = _tar(tmp_path / "ok.tar", [("top/a/x.png", "file", PNG), ("top/b/y.png", "file", PNG)])
+    tar = tar_of(tmp_path / "ok.tar", [("top/a/x.png", "file", PNG), ("top/b/y.png", "file", PNG)])
     root = safe_extract(tar, tmp_path / "t", 10**6)
     assert root == tmp_path / "t" / "top"
     assert (root / "a" / "x.png").read_bytes() == PNG
-    zp = _zip(tmp_path / "ok.zip", [("a/x.png", PNG), ("b/y.png", PNG)])
+    zp = zip_of(tmp_path / "ok.zip", [("a/x.png", PNG), ("b/y.png", PNG)])
     root = safe_extract(zp, tmp_path / "z", 10**6)
     assert root == tmp_path / "z" and (root / "b" / "y.png").read_bytes() == PNG
 
