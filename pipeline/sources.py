@@ -14,12 +14,15 @@ import os
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.data import ARCHIVE_SUFFIXES, dataset_root, is_archive, printable_name, safe_extract
 from pipeline.errors import ConfigError
 from pipeline.hashing import canonical_json, sha256_bytes
 from pipeline.store import S3Store, Store
+
+if TYPE_CHECKING:
+    from pipeline.spec import PipelineSpec
 
 SKIPPED_MEMBER = ".qpipe-skipped.json"
 
@@ -199,3 +202,31 @@ def materialize_source(desc: dict[str, Any], store: Store, workdir: Path, max_by
         marker.unlink()
         root = workdir / "extracted"
     return root, skipped
+
+
+# ------------------------------------------------------------------ at submission
+def prepare_sources(spec: PipelineSpec, store: Store) -> dict[str, Any]:
+    """Describe and upload the spec's data sources and checkpoint (see pipeline.sources)."""
+    sources = {"source": prepare_source(spec.data.source, store),
+               "val_source": prepare_source(spec.data.val_source, store)}
+    w = spec.model.weights
+    if w is None:
+        sources["weights"] = None
+    elif "/" in w or w.startswith(("file://", "s3://")):
+        desc = prepare_source(w, store) if not w.endswith((".pt", ".pth")) else _upload_checkpoint(w, store)
+        sources["weights"] = desc
+    else:
+        sources["weights"] = {"kind": "torchvision", "name": w,
+                              "sha256": sha256_bytes(f"torchvision:{spec.model.arch}:{w}".encode())}
+    return sources
+
+
+def _upload_checkpoint(value: str, store: Store) -> dict[str, Any]:
+    if value.startswith("s3://"):
+        raise ConfigError("checkpoints in s3:// are read through the store: put the file under the store "
+                          "URI and give its path, or give a local file")
+    path = Path(value.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {value} does not exist: give a local .pt/.pth state_dict file")
+    ref = store.put_by_digest("weights", path, path.suffix)
+    return {"kind": "checkpoint", "name": path.name, **ref.to_dict()}

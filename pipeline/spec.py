@@ -32,8 +32,15 @@ from pydantic_core import PydanticCustomError
 from pipeline.errors import SpecError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# activation observers for method: static (pipeline.quant.OBSERVERS implements each)
-OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile", "mse", "entropy")
+# The activation observers of method: static (pipeline.quant implements each), declared here once
+# (torch-free: the spec, the planner and the engine read it), each with the statistic its
+# calibration records: the histogram observers (percentile, mse, entropy) differ only in the range
+# they choose from one histogram, at conversion, so they share a calibration.
+CALIBRATION_STATISTIC = {"minmax": "minmax", "moving_average_minmax": "moving_average_minmax",
+                         "histogram": "histogram", "percentile": "histogram", "mse": "histogram",
+                         "entropy": "histogram"}
+OBSERVERS = tuple(CALIBRATION_STATISTIC)
+Observer = Literal[OBSERVERS]  # type: ignore[valid-type]  # the spec's choices are the table's keys
 DEFAULT_PERCENTILE = 99.99
 URI_SCHEMES = ("file://", "s3://")
 MAX_VARIANTS = 64  # per spec, across every variant set: each is a chain of stages and a benchmark
@@ -233,7 +240,7 @@ class StaticVariant(_Variant):
     EXPORTS_ONNX: ClassVar[bool] = True
 
     method: Literal["static"]
-    observer: Literal["minmax", "moving_average_minmax", "histogram", "percentile", "mse", "entropy"] = "histogram"
+    observer: Observer = "histogram"
     percentile: float | None = Field(
         None, gt=50.0, le=100.0, description="observer: percentile clips activations to this percentile "
         "(and the bottom to 100 minus it); 99.99 by default")
@@ -665,3 +672,13 @@ def load_spec(spec: str | Path | dict | PipelineSpec) -> PipelineSpec:
     except ValueError as err:
         raise SpecError([f"refused YAML: {err}"], str(path)) from None
     return parse_spec(data, base_dir=path.parent, source=str(path))
+
+
+def spec_digest(spec: PipelineSpec) -> str:
+    """The digest of a spec as every run records it (``spec_sha256``)."""
+    from pipeline.hashing import canonical_json, sha256_bytes
+
+    dump = spec.model_dump(mode="json")
+    if dump.get("sweep") is None:  # a spec without a sweep keeps the digest it had before sweeps existed
+        dump.pop("sweep", None)
+    return sha256_bytes(canonical_json(dump).encode())

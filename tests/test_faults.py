@@ -235,7 +235,7 @@ def test_duplicate_delivery_computes_once(tmp_path, s3_env, s3_server):
         assert summary["baseline"]["accuracy_top1"] is not None
         assert [(v["name"], v["accuracy_top1"] is not None) for v in summary["variants"]] == [("ptq", True)]
         assert summary["failures"] == [], summary["failures"]
-        assert {s["state"] for s in handle.status()["stages"]} <= {"done", "cached"}
+        assert {s["state"] for s in handle.status()["stages"]} <= {"done", "cached"}, stages_now()
         wait_for(lambda: f"qpipe.report[{report_id}] succeeded" in fleet.log_text()
                  and f"qpipe.calibrate[{again_id}] succeeded" in fleet.log_text(), timeout=120)
         log = fleet.log_text()

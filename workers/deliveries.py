@@ -105,7 +105,7 @@ class Request(CeleryRequest):
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
         if isinstance(exc, WorkerLostError):  # recorded before the message goes back to the queue
-            from workers.tasks import lock_name, lock_owner, release_lock
+            from workers.locks import lock_name, lock_owner, release_lock
 
             try:
                 run_id, node = self.args[0], self.args[1]

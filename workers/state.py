@@ -5,14 +5,21 @@ broker. One hash per run (``qpipe:run:{id}``) and one hash of stage states
 from __future__ import annotations
 
 import json
+import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TTL = 30 * 24 * 3600
 STAGE_STATES = ("pending", "running", "retrying", "done", "cached", "failed", "cancelled")
 FINAL_RUN_STATES = ("SUCCESS", "FAILED", "CANCELLED")
+BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 def connect(url: str) -> redis.Redis:
@@ -88,3 +95,44 @@ class RunState:
 
     def finish(self, summary: dict) -> None:
         self.set(status=summary["status"], finished=time.time(), summary=summary)
+
+
+def patiently(fn: Callable[[], T], what: str, patience: float = 300.0) -> T:
+    """Call a Redis operation, waiting out a broker outage (a restart) for up to ``patience`` s,
+    with exponential backoff and full jitter (tenacity)."""
+    def say(retry_state: RetryCallState) -> None:
+        log.warning("%s: broker unreachable (%s); retrying in %.1fs", what, retry_state.outcome.exception(),
+                    retry_state.upcoming_sleep)
+
+    retrying = Retrying(retry=retry_if_exception_type(BROKER_ERRORS), stop=stop_after_delay(patience),
+                        wait=wait_random_exponential(multiplier=0.5, max=10.0), before_sleep=say, reraise=True)
+    return retrying(fn)
+
+
+class RedisLedger:
+    """The run's ledger (``pipeline.engine.Ledger``) in Redis, for stages run by Celery workers:
+    every read and write waits out a broker outage."""
+
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+
+    def stages(self) -> dict[str, dict]:
+        return patiently(self.state.stages, "status")
+
+    def update_stage(self, node_id: str, **fields: Any) -> None:
+        patiently(lambda: self.state.update_stage(node_id, **fields), "status")
+
+    def cancel_requested(self) -> bool:
+        return patiently(self.state.cancel_requested, "status")
+
+    def failures(self) -> list[dict]:
+        return patiently(self.state.failures, "status")
+
+    def finish(self, summary: dict) -> None:
+        patiently(lambda: self.state.finish(summary), "status")
+
+    def fail_run(self, status: str, error: str) -> None:
+        patiently(lambda: self.state.set(status=status, finished=time.time(), error=error), "status")
+
+    def ended(self) -> bool:
+        return patiently(lambda: self.state.get("status"), "status") in FINAL_RUN_STATES

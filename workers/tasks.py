@@ -1,18 +1,21 @@
-"""One thin Celery task per stage, all built by one generic adapter over
-``pipeline.stages.execute``.
+"""One thin Celery task per stage, all built by one adapter over ``pipeline.engine.run_node``.
 
 A task message holds JSON only: ``(run_id, node, store_uri)`` where ``node`` is a plan node
-(stage, variant, key, config, input references). The adapter records the stage's state in Redis,
-runs the stage, and classifies what goes wrong:
+(stage, variant, key, config, input references). The run rules (upstream failures, what the
+report receives, how each error is recorded, what a failed stage leaves behind) are the engine's,
+the same as in one process. What this module adds is Celery's part:
 
-- ``TransientError`` (store or broker unreachable): retried with exponential backoff and jitter,
-  up to ``MAX_RETRIES``; then the stage fails naming the dependency.
-- ``ConfigError`` / ``StageError``: failed at once, never retried, with the cause recorded.
-- ``Cancelled``: the run was cancelled; the stage stops and is marked so.
-- anything else is a bug: logged with its traceback and recorded as the stage's failure.
+- the ledger is the run's record in Redis (``workers.state.RedisLedger``);
+- the stage lock (``workers/locks.py``) and the count of deliveries whose process died
+  (``workers/deliveries.py``) around the computation;
+- ``TransientError`` (store or broker unreachable) is retried by Celery (``autoretry_for`` with
+  ``retry_backoff``, full jitter, capped at QPIPE_RETRY_BACKOFF_MAX) up to ``MAX_RETRIES``; then
+  the stage fails naming the dependency;
+- the report (the chord's body) waits for a header task that was redelivered after it fired;
+- metrics.
 
-A task never raises after its last retry: the report (the chord's body) always runs, so a
-failed variant cannot stop the other variants or leave the run without a summary.
+A task never raises after its last retry: the report always runs, so a failed variant cannot
+stop the other variants or leave the run without a summary.
 """
 
 from __future__ import annotations
@@ -21,29 +24,25 @@ import contextlib
 import functools
 import logging
 import os
-import random
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import redis
 from celery import Task
 from celery.exceptions import Retry
 
+from pipeline.errors import TransientError
 from pipeline.stages.table import is_join
 from workers import metrics
 from workers.app import MAX_DELIVERIES, MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
 from workers.deliveries import Deliveries, explain
-from workers.state import FINAL_RUN_STATES, RunState, connect
+from workers.locks import lock_name, lock_owner, stage_lock
+from workers.state import BROKER_ERRORS, RedisLedger, RunState, connect, patiently
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes to Redis
-# seconds a stage lock outlives a holder that died; renewed every LOCK_TTL / 4 while the stage runs
-LOCK_TTL = int(os.environ.get("QPIPE_LOCK_TTL", 60))
-FINAL_STAGE_STATES = ("done", "cached", "failed", "cancelled")
-BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+RETRY_BACKOFF = 2  # seconds: Celery's retry_backoff factor (2, 4, 8, ... s, full jitter)
 
 
 @functools.cache
@@ -53,73 +52,6 @@ def _redis(url: str) -> redis.Redis:
 
 def state_for(task: Task, run_id: str) -> RunState:
     return RunState(_redis(task.app.conf.broker_url), run_id)
-
-
-def backoff(retries: int, base: float = 2.0, cap: float | None = None) -> float:
-    """Exponential backoff with full jitter, capped at QPIPE_RETRY_BACKOFF_MAX."""
-    cap = RETRY_BACKOFF_MAX if cap is None else cap
-    return random.uniform(min(base, cap), max(min(base, cap), min(cap, base * 2**retries)))
-
-
-def patiently(fn: Callable[[], T], what: str, patience: float = 300.0) -> T:
-    """Call a Redis operation, waiting out a broker outage (restart) for up to ``patience`` s."""
-    deadline = time.monotonic() + patience
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except BROKER_ERRORS as err:
-            if time.monotonic() > deadline:
-                raise
-            attempt += 1
-            delay = backoff(attempt, base=0.5, cap=10.0)
-            log.warning("%s: broker unreachable (%s); retrying in %.1fs", what, err, delay)
-            time.sleep(delay)
-
-
-@contextlib.contextmanager
-def stage_lock(client: redis.Redis, key: str, owner: str, on_wait: Callable[[], None]) -> Iterator[None]:
-    """Hold ``key`` while a stage computes, so a duplicate delivery of the same stage waits for
-    the first one and then finds its result in the store instead of computing it again. The lock
-    expires LOCK_TTL s after its holder dies; a thread renews it while the holder lives."""
-    waited = False
-    while not patiently(lambda: client.set(key, owner, nx=True, ex=LOCK_TTL), "lock"):
-        if not waited:  # once per delivery: says which path a duplicate took
-            log.info("%s is held: the same stage is running elsewhere; waiting for it", key)
-            waited = True
-        on_wait()
-        time.sleep(1.0)
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(LOCK_TTL / 4):
-            with contextlib.suppress(*BROKER_ERRORS):
-                if client.get(key) == owner:
-                    client.expire(key, LOCK_TTL)
-
-    thread = threading.Thread(target=renew, name="qpipe-stage-lock", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        with contextlib.suppress(*BROKER_ERRORS):
-            release_lock(client, key, owner)
-
-
-def lock_name(run_id: str, node: dict[str, Any]) -> str:
-    """The stage lock of a node: per content key, and per run for the join (the report: not cached)."""
-    return f"qpipe:lock:{node['stage']}:{run_id if is_join(node['stage']) else node['key']}"
-
-
-def lock_owner(hostname: str, task_id: str) -> str:
-    return f"{hostname}:{task_id}"
-
-
-def release_lock(client: redis.Redis, key: str, owner: str) -> int:
-    """Delete ``key`` only while ``owner`` holds it (compare and delete in one step)."""
-    return client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
-                       "return 0", 1, key, owner)
 
 
 @contextlib.contextmanager
@@ -146,22 +78,8 @@ def counted_delivery(client: redis.Redis, stage: str, key: str) -> Iterator[None
     patiently(deliveries.end, "deliveries")
 
 
-def remove_partial_outputs(store: Any, node: dict, keep_checkpoints: bool) -> None:
-    """Delete what a stage wrote before failing, so the store holds no orphaned objects."""
-    from pipeline.stages import stage_def
-
-    if not stage_def(node["stage"]).cached:
-        return
-    prefix = f"stages/{node['stage']}/{node['key']}"
-    for key in store.list(prefix):
-        if keep_checkpoints and key.startswith(f"{prefix}/checkpoints/"):
-            continue
-        store.delete(key)
-
-
 def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> dict[str, Any]:
-    from pipeline.errors import Cancelled, ConfigError, StageError, TransientError
-    from pipeline.stages import execute
+    from pipeline.engine import FINAL_STAGE_STATES, run_node
     from pipeline.store import open_store
 
     # a worker serves the store it was started with (`qpipe worker` puts the store's own spelling
@@ -176,28 +94,15 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
 
     node_id, stage = node["id"], node["stage"]
     state = state_for(task, run_id)
+    ledger = RedisLedger(state)
     worker = task.request.hostname
-
-    def finish(kind: str, **fields: Any) -> dict[str, Any]:
-        patiently(lambda: state.update_stage(node_id, state=kind, finished=time.time(), **fields), "status")
-        return {"node": node_id, "state": kind}
-
     patiently(state.mark_running, "status")
     if is_join(stage):
-        if patiently(lambda: state.get("status"), "status") in FINAL_RUN_STATES:
+        if ledger.ended():
             return {"node": node_id, "state": "done"}  # a duplicate delivery of the report
-        stages = patiently(state.stages, "status")
-        unfinished = [k for k, v in stages.items() if k != node_id and v["state"] not in FINAL_STAGE_STATES]
+        unfinished = [k for k, v in ledger.stages().items() if k != node_id and v["state"] not in FINAL_STAGE_STATES]
         if unfinished:  # the chord fired early (a redelivered header task): wait for the rest
             raise task.retry(countdown=2, max_retries=None)
-    else:
-        if patiently(state.cancel_requested, "status"):
-            return finish("cancelled", error="the run was cancelled")
-        stages = patiently(state.stages, "status")
-        broken = [d["id"] for d in node["inputs"].values()
-                  if stages.get(d["id"], {}).get("state") in ("failed", "cancelled")]
-        if broken:
-            return finish("failed", error=f"not run: upstream {broken[0]} did not finish")
     last = [0.0]
 
     def on_progress(fraction: float, detail: str) -> None:
@@ -214,14 +119,6 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         except BROKER_ERRORS:
             return False
 
-    extra: dict[str, Any] = {"spec_sha256": patiently(lambda: state.get("spec_sha256"), "status")}
-    if is_join(stage):
-        extra["failures"] = state.failures()
-        extra["cancelled"] = state.cancel_requested()
-        extra["cached_stages"] = sum(1 for s in state.stages().values() if s["state"] == "cached")
-    store = None
-    lock, owner = lock_name(run_id, node), lock_owner(worker, task.request.id)
-
     def waiting() -> None:
         with contextlib.suppress(*BROKER_ERRORS):
             # a duplicate delivery of this very node shares its row with the holder: the row keeps
@@ -229,84 +126,48 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
             if (state.stage(node_id) or {}).get("state") != "running":
                 state.update_stage(node_id, state="pending", detail="waiting: the same stage is running elsewhere")
 
-    attempt = metrics.StageAttempt(stage, cacheable=not is_join(stage))  # no-op unless metrics are on
-    try:
+    @contextlib.contextmanager
+    def guard() -> Iterator[None]:
+        with (stage_lock(state.r, lock_name(run_id, node), lock_owner(worker, task.request.id), waiting),
+              counted_delivery(state.r, stage, node["key"])):
+            yield
+
+    attempts: list[metrics.StageAttempt] = []
+
+    def open_() -> Any:  # the stage starts (it was not skipped): an attempt from here on, for metrics
+        attempts.append(metrics.StageAttempt(stage, cacheable=not is_join(stage)))  # no-op unless metrics are on
         store = open_store(store_uri)
         store.on_transfer = metrics.count_transfer
-        with stage_lock(state.r, lock, owner, waiting), counted_delivery(state.r, stage, node["key"]):
-            patiently(lambda: state.update_stage(node_id, state="running", worker=worker, pid=os.getpid(),
-                                                 started=time.time(), progress=0.0,
-                                                 attempt=task.request.retries + 1, error=None),
-                      "status")
-            result = execute(node, store, run_id=run_id, on_progress=on_progress, is_cancelled=is_cancelled,
-                             extra=extra, on_images=metrics.images_hook(stage))
-    except TransientError as err:
-        if task.request.retries < MAX_RETRIES:
-            delay = backoff(task.request.retries)
-            log.warning("%s %s: %s; retry %d in %.0fs", run_id, node_id, err, task.request.retries + 1, delay)
-            attempt.end("retry", err)
-            with contextlib.suppress(*BROKER_ERRORS):
-                state.update_stage(node_id, state="retrying", error=str(err))
-            raise task.retry(countdown=delay, max_retries=MAX_RETRIES) from None
-        attempt.end("failed", err)
-        out = finish("failed", error=f"gave up after {MAX_RETRIES} retries: {err}")
-    except Cancelled as err:
-        attempt.end("cancelled", err)
-        out = finish("cancelled", error=str(err))
-        _cleanup(store, node, keep_checkpoints=True)
-    except (ConfigError, StageError) as err:
-        attempt.end("failed", err)
-        log.error("%s %s failed: %s", run_id, node_id, err)
-        out = finish("failed", error=str(err))
-        # out of memory, or a process lost every time: the epochs trained so far stay, for a rerun
-        # with room to resume from
-        _cleanup(store, node, keep_checkpoints=err.keeps_checkpoints)
-    except Exception as err:  # a bug: keep the traceback in the log, the cause in the status
-        attempt.end("failed", err)
-        log.exception("%s %s crashed", run_id, node_id)
-        out = finish("failed", error=f"{type(err).__name__}: {err}")
-        # an unexpected error (a bug, a full disk, a CUDA fault) never deletes the only progress
-        # of a long stage: its checkpoints stay for the rerun
-        _cleanup(store, node, keep_checkpoints=True)
-    else:
-        if not result.cached:  # one line per computation, so executions per content key can be counted
-            log.info("%s %s: computed stage %s key %s", run_id, node_id, stage, node["key"])
-        attempt.end("cached" if result.cached else "done")
-        out = finish("cached" if result.cached else "done", progress=1.0, manifest=result.manifest_uri)
-        if is_join(stage):
-            patiently(lambda: state.finish(result.manifest["summary"]), "status")
-            try:  # the run's outcome is recorded; a metrics problem must not change it
-                metrics.set_quality(result.manifest["summary"])
-            except Exception:
-                log.exception("%s: could not set the quality gauges", run_id)
-        return out
-    if is_join(stage):  # the report itself failed: the run still ends, FAILED
-        patiently(lambda: state.set(status="CANCELLED" if state.cancel_requested() else "FAILED",
-                                    finished=time.time(),
-                                    error=f"report failed: {state.stage(node_id).get('error')}"), "status")
-    return out
+        return store
 
+    def can_retry(err: TransientError) -> bool:
+        if task.request.retries >= MAX_RETRIES:
+            return False
+        log.warning("%s %s: %s; retry %d in up to %ds", run_id, node_id, err, task.request.retries + 1,
+                    min(RETRY_BACKOFF_MAX, RETRY_BACKOFF * 2 ** task.request.retries))
+        return True
 
-def _cleanup(store: Any, node: dict, keep_checkpoints: bool) -> None:
-    from pipeline.errors import QpipeError
-
-    if store is None:
-        return
-    try:
-        remove_partial_outputs(store, node, keep_checkpoints)
-    except QpipeError as err:  # the store is down: the next attempt overwrites the same keys
-        log.warning("could not remove partial outputs of %s: %s", node["id"], err)
-    except Exception:  # never let clean-up hide the stage's own outcome from the run
-        log.exception("could not remove partial outputs of %s", node["id"])
+    outcome = run_node(
+        node, open_, ledger, run_id=run_id, spec_sha256=patiently(lambda: state.get("spec_sha256"), "status"),
+        worker=worker, guard=guard, can_retry=can_retry,
+        gave_up=lambda err: f"gave up after {MAX_RETRIES} retries: {err}",
+        on_running=lambda: {"pid": os.getpid(), "attempt": task.request.retries + 1},
+        on_progress=on_progress, is_cancelled=is_cancelled, on_images=metrics.images_hook(stage),
+        on_outcome=lambda state, err: attempts and attempts[-1].end(state, err))
+    if outcome.result is not None and is_join(stage):
+        try:  # the run's outcome is recorded; a metrics problem must not change it
+            metrics.set_quality(outcome.result.manifest["summary"])
+        except Exception:
+            log.exception("%s: could not set the quality gauges", run_id)
+    return {"node": node_id, "state": outcome.state}
 
 
 def fail_stage(task: Task, run_id: str, node: dict[str, Any], error: str) -> dict[str, Any]:
     """Record a stage as failed (the report stage: the run as FAILED) and return its result."""
-    state = state_for(task, run_id)
-    patiently(lambda: state.update_stage(node["id"], state="failed", finished=time.time(), error=error), "status")
+    ledger = RedisLedger(state_for(task, run_id))
+    ledger.update_stage(node["id"], state="failed", finished=time.time(), error=error)
     if is_join(node.get("stage", "")):
-        patiently(lambda: state.set(status="FAILED", finished=time.time(), error=f"report failed: {error}"),
-                  "status")
+        ledger.fail_run("FAILED", f"report failed: {error}")
     return {"node": node["id"], "state": "failed"}
 
 
@@ -316,6 +177,11 @@ def _make_task(stage: str, queue: str) -> Task:
             return run_stage(self, run_id, node, store_uri)
         except Retry:
             raise
+        except TransientError as err:
+            if self.request.retries < MAX_RETRIES:
+                raise  # Celery's autoretry_for: a new message after the backoff
+            log.exception("%s %s: unexpected error outside the stage", run_id, node.get("id"))
+            return fail_stage(self, run_id, node, f"gave up after {MAX_RETRIES} retries: {err}")
         except Exception as err:
             # A task that raises makes the chord fail and its report never run, leaving the run
             # RUNNING forever: record the failure and return, so the report still fires.
@@ -324,8 +190,9 @@ def _make_task(stage: str, queue: str) -> Task:
 
     stage_task.__name__ = f"{stage}_task"
     stage_task.__doc__ = f"qpipe stage '{stage}' (queue {queue})."
-    return app.task(name=f"qpipe.{stage}", bind=True, queue=queue, acks_late=True,
-                    reject_on_worker_lost=True, max_retries=MAX_RETRIES,
+    return app.task(name=f"qpipe.{stage}", bind=True, queue=queue, acks_late=True, reject_on_worker_lost=True,
+                    autoretry_for=(TransientError,), max_retries=MAX_RETRIES, retry_backoff=RETRY_BACKOFF,
+                    retry_backoff_max=RETRY_BACKOFF_MAX, retry_jitter=True,
                     Request="workers.deliveries:Request")(stage_task)
 
 
