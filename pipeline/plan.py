@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.hashing import stage_key
-from pipeline.spec import PipelineSpec, StaticVariant, VariantSpec
+from pipeline.spec import CALIBRATION_STATISTIC, PipelineSpec, StaticVariant, VariantSpec
 from pipeline.stages.configs import (
     BenchmarkConfig,
     CalibrateConfig,
@@ -34,9 +34,6 @@ from pipeline.stages.configs import (
 )
 from pipeline.stages.table import JOIN, STAGES
 
-# config fields that do not change a stage's result and so stay out of its key
-UNKEYED = {"device"}
-
 
 def _node(stage: str, node_id: str, cfg: StageConfig, inputs: dict[str, dict], *, variant: str | None = None,
           digests: dict[str, str] | None = None) -> dict[str, Any]:
@@ -44,7 +41,7 @@ def _node(stage: str, node_id: str, cfg: StageConfig, inputs: dict[str, dict], *
     if not isinstance(cfg, sdef.config):
         raise TypeError(f"stage {stage!r} takes a {sdef.config.__name__}, not a {type(cfg).__name__}")
     config = cfg.to_json()
-    keyed = {k: v for k, v in config.items() if k not in UNKEYED}
+    keyed = cfg.key_fields()
     key_inputs = {name: dep["key"] for name, dep in inputs.items()} | (digests or {})
     return {
         "id": node_id,
@@ -56,14 +53,6 @@ def _node(stage: str, node_id: str, cfg: StageConfig, inputs: dict[str, dict], *
         "inputs": {name: {"stage": dep["stage"], "key": dep["key"], "id": dep["id"]} for name, dep in inputs.items()},
         "input_digests": digests or {},
     }
-
-
-# observer -> the statistic its calibration records: the histogram observers (percentile, mse,
-# entropy) differ only in the range they choose from one histogram, at conversion, so they share
-# a calibration (pipeline.quant.CALIBRATION_STATISTIC, kept here without importing torch)
-CALIBRATION_STATISTIC = {"minmax": "minmax", "moving_average_minmax": "moving_average_minmax",
-                         "histogram": "histogram", "percentile": "histogram", "mse": "histogram",
-                         "entropy": "histogram"}
 
 
 def calibration_id(v: StaticVariant) -> str:

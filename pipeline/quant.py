@@ -35,21 +35,11 @@ from torch import nn
 from torch.ao.quantization.observer import HistogramObserver
 
 from pipeline.errors import StageError
+from pipeline.spec import CALIBRATION_STATISTIC, DEFAULT_PERCENTILE, OBSERVERS  # the one observer table
 
 log = logging.getLogger(__name__)
 OBSERVER_KEY = "activation_post_process"
 ENGINE = "torch.ao.quantization FX graph mode"
-# activation observer -> the statistic its calibration records (observers sharing one share a calibration)
-CALIBRATION_STATISTIC = {
-    "minmax": "minmax",
-    "moving_average_minmax": "moving_average_minmax",
-    "histogram": "histogram",
-    "percentile": "histogram",
-    "mse": "histogram",
-    "entropy": "histogram",
-}
-OBSERVERS = tuple(CALIBRATION_STATISTIC)
-DEFAULT_PERCENTILE = 99.99
 
 
 # ------------------------------------------------------------------------ activation observers

@@ -20,7 +20,7 @@ import pipeline.stages as stages
 from pipeline.errors import StageError
 from pipeline.hashing import canonical_json, sha256_bytes
 from pipeline.models import build_model
-from pipeline.plan import UNKEYED, build_plan, children
+from pipeline.plan import build_plan, children
 from pipeline.quant import (
     OBSERVER_KEY,
     convert_static,
@@ -324,7 +324,9 @@ def test_plan_keys_follow_config(plan_store: FileStore, path: str, value: object
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_device_does_not_change_any_key(plan_store: FileStore, device: str) -> None:
-    assert UNKEYED == {"device"}
+    from pipeline.stages.configs import FinetuneConfig, QatConfig
+
+    assert FinetuneConfig.UNKEYED == QatConfig.UNKEYED == {"device"}
     base = plan_of(copy.deepcopy(EXAMPLE_DICT), plan_store)
     moved = plan_of(_with("finetune.device", device), plan_store)
     assert keys(moved) == keys(base)

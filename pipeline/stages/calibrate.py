@@ -2,7 +2,7 @@
 (``config.observer``: minmax, moving_average_minmax or histogram); the observer statistics
 become an artifact that every static variant recording that statistic converts from. The
 histogram serves the histogram, percentile, mse and entropy observers alike: they differ only
-in the range they pick from it, at conversion (see ``pipeline.plan.CALIBRATION_STATISTIC``)."""
+in the range they pick from it, at conversion (see ``pipeline.spec.CALIBRATION_STATISTIC``)."""
 
 from __future__ import annotations
 

@@ -18,10 +18,12 @@ from pipeline.errors import StageError
 
 
 class StageConfig(BaseModel):
-    """A stage's config. ``OPTIONAL``: fields left out of the JSON while at their default."""
+    """A stage's config. ``OPTIONAL``: fields left out of the JSON while at their default.
+    ``UNKEYED``: fields that do not change the stage's result, so they stay out of its key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+    UNKEYED: ClassVar[frozenset[str]] = frozenset()
 
     def to_json(self) -> dict[str, Any]:
         """The config as it travels in a plan node and is hashed into the stage's key."""
@@ -30,6 +32,10 @@ class StageConfig(BaseModel):
             if getattr(self, name) == type(self).model_fields[name].default:
                 del out[name]
         return out
+
+    def key_fields(self) -> dict[str, Any]:
+        """The part of ``to_json()`` that enters the stage's content key."""
+        return {k: v for k, v in self.to_json().items() if k not in self.UNKEYED}
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> StageConfig:
@@ -66,7 +72,8 @@ class FinetuneConfig(StageConfig):
     weight_decay: float
     freeze_backbone: bool
     seed: int
-    device: str  # unkeyed (pipeline.plan.UNKEYED)
+    device: str  # where it trains, not what it computes
+    UNKEYED: ClassVar[frozenset[str]] = frozenset({"device"})
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
@@ -116,7 +123,8 @@ class QatConfig(StageConfig):
     batch_size: int
     momentum: float
     seed: int
-    device: str  # unkeyed (pipeline.plan.UNKEYED)
+    device: str  # where it trains, not what it computes
+    UNKEYED: ClassVar[frozenset[str]] = frozenset({"device"})
 
 
 class BenchmarkConfig(StageConfig):
