@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import redis
 from redis.lock import Lock
 
+from pipeline.settings import settings
 from pipeline.stages.table import is_join
 from workers.state import BROKER_ERRORS, patiently
 
@@ -29,7 +29,7 @@ WAIT_STEP = 1.0  # seconds between a waiter's looks at the lock
 
 def lock_ttl() -> int:
     """Seconds a stage lock outlives a holder that died (QPIPE_LOCK_TTL, default 60)."""
-    return int(os.environ.get("QPIPE_LOCK_TTL", 60))
+    return settings().lock_ttl
 
 
 def lock_name(run_id: str, node: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from celery import Task
 from celery.exceptions import Retry
 
 from pipeline.errors import TransientError
+from pipeline.settings import settings
 from pipeline.stages.table import is_join
 from workers import metrics
 from workers.app import MAX_DELIVERIES, MAX_RETRIES, RETRY_BACKOFF_MAX, STAGE_QUEUES, app
@@ -84,7 +85,7 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
 
     # a worker serves the store it was started with (`qpipe worker` puts the store's own spelling
     # of its URI here): a message naming another one is refused before anything is read or written
-    own_store = os.environ.get("QPIPE_STORE_URI") or "no store"
+    own_store = settings().store_uri or "no store"
     if store_uri != own_store:
         log.error("%s %s refused: it names the store %s, this worker serves %s", run_id, node.get("id"),
                   store_uri, own_store)
