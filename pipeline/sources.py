@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.data import ARCHIVE_SUFFIXES, dataset_root, is_archive, printable_name, safe_extract
+from pipeline.archives import ARCHIVE_SUFFIXES, dataset_root, is_archive, printable_name, safe_extract
 from pipeline.errors import ConfigError
 from pipeline.hashing import canonical_json, sha256_bytes
 from pipeline.store import S3Store, Store
