@@ -35,7 +35,7 @@ from pipeline.quant import (
     load_torchscript,
     quiet,
 )
-from pipeline.spec import DEFAULT_PERCENTILE, OBSERVERS
+from pipeline.spec import DEFAULT_PERCENTILE, OBSERVERS, parse_spec
 from pipeline.stages import execute
 from pipeline.store import FileStore
 from tests.helpers import (
@@ -405,10 +405,15 @@ def test_range_searches_are_deterministic_and_load_a_histogram(cls: type) -> Non
 
 # ------------------------------------------------------------------------ spec and plan wiring
 
-def test_observer_lists_agree() -> None:
-    assert OBSERVERS == quant.OBSERVERS
-    assert CALIBRATION_STATISTIC == quant.CALIBRATION_STATISTIC
-    assert DEFAULT_PERCENTILE == quant.DEFAULT_PERCENTILE
+def test_every_observer_in_the_table_is_implemented_and_offered() -> None:
+    """The observer table is declared once (pipeline.spec): every entry is a choice the spec
+    accepts and an observer the quantizer builds, whose statistic is one a calibration records."""
+    assert set(CALIBRATION_STATISTIC.values()) <= set(OBSERVERS)
+    for observer in OBSERVERS:
+        assert parse_spec({"name": "o", "quantize": {"variants": [
+            {"name": "v", "method": "static", "observer": observer}]}}).variants()[0].observer == observer
+        qconfig = quant._qconfig(observer, True, "x86", DEFAULT_PERCENTILE if observer == "percentile" else None)
+        assert qconfig.activation() is not None, observer
 
 
 def _plan(variants: list[dict], store: FileStore) -> dict[str, dict]:
