@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.plots import accuracy_latency
-from pipeline.report import table
+from pipeline.report import choose_runtimes, per_batch, select, table
 from pipeline.stages import execute, manifest_key
 from pipeline.store import FileStore
 from tests.test_report import _bench_manifest
@@ -85,3 +85,58 @@ def test_report_stage_measures_each_drop_against_its_own_arch(tmp_path: Path) ->
     assert "so no single budget line is drawn" in md and "Not shown (no result): dynamic@resnet18." in md
     page = store.get_bytes(store.key_of(s["report_html"])).decode()
     assert page.count('<tr class="failed">') == 1 and page.count('<tr class="selected">') == 1
+
+
+# ------------------------------------------------------------------------------- selection
+
+def row(name: str, acc: float, p50: dict[str, float], base: float | None = 0.90) -> dict:
+    """A variant row as the report stage makes it: its drop against its own fp32 baseline."""
+    drop = None if base is None else base - acc
+    return {"name": name, "method": "static", "accuracy_top1": acc, "latency_ms_p50": p50, "accuracy_drop": drop}
+
+
+def test_select_picks_the_fastest_within_budget() -> None:
+    variants = [
+        row("slow-ok", 0.90, {"1": 6.0, "32": 40.0}),
+        row("fast-ok", 0.895, {"1": 4.0, "32": 50.0}),
+        row("fastest-but-inaccurate", 0.70, {"1": 1.0, "32": 10.0}),
+        row("exactly-on-budget", 0.89, {"1": 5.0, "32": 30.0}),
+    ]
+    name, reason = select(variants, 0.01, "1")
+    assert name == "fast-ok"
+    assert "batch 1" in reason and "3 variant(s)" in reason and "on torchscript" in reason
+    name, _ = select(variants, 0.01, "32")  # the batch size picks the latency column
+    assert name == "exactly-on-budget"
+    name, _ = select(variants, 0.5, "1")
+    assert name == "fastest-but-inaccurate"
+    better = [row("better", 0.95, {"1": 9.0, "32": 99.0})]  # more accurate than fp32 is within budget
+    assert select(better, 0.0, "1")[0] == "better"
+    # each row against its own baseline (a sweep): 0.80 is within budget of a 0.805 fp32
+    assert select([row("other-arch", 0.80, {"1": 0.5}, base=0.805)] + variants, 0.01, "1")[0] == "other-arch"
+
+
+def test_select_none_when_all_exceed_the_budget() -> None:
+    variants = [row("a", 0.80, {"1": 1.0}), row("b", 0.85, {"1": 2.0}),
+                {"name": "failed", "method": "qat", "accuracy_top1": None}]
+    name, reason = select(variants, 0.01, "1")
+    assert name is None and "budget" in reason
+    assert select([], 0.01, "1")[0] is None
+    name, reason = select([row("a", 0.80, {"1": 1.0}, base=None)], 1.0, "1")
+    assert name is None and "baseline" in reason
+
+
+def test_each_batch_size_is_served_by_the_fastest_runtime_within_budget() -> None:
+    r = row("v", 0.90, {"1": 4.0, "32": 40.0})
+    r["latency_ms_p95"], r["throughput_ips"] = {"1": 5.0, "32": 50.0}, {"1": 250.0, "32": 800.0}
+    metrics = {"latency_ms_p95": {"1": 1.0, "32": 1.0}, "throughput_ips": {"1": 1.0, "32": 1.0}}
+    r["runtimes"] = {"torchscript": {"accuracy_top1": 0.90, "latency_ms_p50": {"1": 4.0, "32": 40.0}, **metrics},
+                     "onnxruntime": {"accuracy_top1": 0.90, "latency_ms_p50": {"1": 2.0, "32": 60.0}, **metrics},
+                     "openvino": {"accuracy_top1": 0.85, "latency_ms_p50": {"1": 1.0, "32": 10.0}, **metrics}}
+    choose_runtimes(r, 0.90, 0.01)  # openvino is fastest but loses 5 points: never chosen
+    assert r["runtime"] == {"1": "onnxruntime", "32": "torchscript"}
+    assert r["latency_ms_p50"] == {"1": 2.0, "32": 40.0} and r["latency_ms_p95"] == {"1": 1.0, "32": 50.0}
+    choose_runtimes(r, 0.90, 0.1)
+    assert r["runtime"] == {"1": "openvino", "32": "openvino"}
+    picks = per_batch([r], 0.1, [1, 32])
+    assert picks == {"1": {"variant": "v", "runtime": "openvino", "latency_ms_p50": 1.0, "accuracy_top1": 0.85},
+                     "32": {"variant": "v", "runtime": "openvino", "latency_ms_p50": 10.0, "accuracy_top1": 0.85}}
