@@ -22,7 +22,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.summary import baseline_of, is_baseline, is_sweep, measured, selection_batch, sensitivity_groups
+from pipeline.summary import (
+    baseline_of,
+    is_baseline,
+    is_sweep,
+    measured,
+    selection_batch,
+    sensitivity_groups,
+    served_top1,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +82,9 @@ def save(fig: Any, path: Path) -> Path:
 
 
 def accuracy_latency(summary: dict[str, Any]) -> Any | None:
-    """Top-1 against p50 latency at the selection batch size, one point per measured model, the
-    Pareto front as a step line, the accuracy budget's floor and the selected variant ringed.
+    """Top-1 against p50 latency at the selection batch size, one point per measured model (the
+    form that serves it at that batch: its runtime's latency and its runtime's top-1), the Pareto
+    front as a step line, the accuracy budget's floor and the selected variant ringed.
 
     In a sweep each arch has its colour and marker (its fp32 a square), and there is no single
     floor: each arch has its own, so a variant is drawn filled when its drop against its own
@@ -84,7 +93,7 @@ def accuracy_latency(summary: dict[str, Any]) -> Any | None:
     rows = [r for r in measured(summary) if batch and r.get("latency_ms_p50", {}).get(batch) is not None]
     if not rows:
         return None
-    pts = [(float(r["latency_ms_p50"][batch]), float(r["accuracy_top1"])) for r in rows]
+    pts = [(float(r["latency_ms_p50"][batch]), float(served_top1(r).get(batch, r["accuracy_top1"]))) for r in rows]
     base = summary.get("baseline")
     selected = summary.get("selected")
     fig = _figure(*SIZES_IN["accuracy_latency"])
@@ -109,7 +118,7 @@ def accuracy_latency(summary: dict[str, Any]) -> Any | None:
         if sweep:
             k = archs.index(r.get("arch")) if r.get("arch") in archs else 0
             colour = SERIES[k % len(SERIES)]
-            drop = r.get("accuracy_drop")
+            drop = (r.get("accuracy_drop_served") or {}).get(batch, r.get("accuracy_drop"))
             within = is_base or (budget is not None and drop is not None and drop <= float(budget) + 1e-12)
             label = str(r.get("arch")) if named.get(r.get("arch")) == n else None
             marker = "s" if is_base else ARCH_MARKERS[k % len(ARCH_MARKERS)]

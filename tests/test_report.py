@@ -158,6 +158,18 @@ def test_accuracy_latency_marks_the_selected_variant_and_skips_failures() -> Non
     assert "batch 8" in accuracy_latency(s).axes[0].get_xlabel()
 
 
+def test_accuracy_latency_plots_the_top1_of_the_form_that_serves_each_point() -> None:
+    """A variant served on OpenVINO at the plotted batch is drawn at OpenVINO's top-1, not at its
+    TorchScript top-1 (the point's latency is already the served form's)."""
+    s = make_summary()
+    row = next(v for v in s["variants"] if v["name"] == "ptq-minmax")
+    row["accuracy_top1_served"] = {"1": 0.9777, "8": 0.9749}
+    ax = accuracy_latency(s).axes[0]
+    points = {t.get_text(): t.xy for t in ax.texts}
+    assert points["ptq-minmax"][1] == pytest.approx(0.9777)
+    assert points["ptq-histogram"][1] == pytest.approx(0.962)  # no served top-1: its one top-1
+
+
 def test_pictures_without_baseline_qat_or_any_result() -> None:
     s = make_summary()
     s["baseline"], s["selected"] = None, None
