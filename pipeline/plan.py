@@ -63,7 +63,8 @@ def sensitivity_config(v: VariantSpec, backend: str, arch: str, part: int, parts
     """A sensitivity part's config: what decides the int8 model (not the variant's name, so
     variants that convert alike share the parts), and which part of how many."""
     return SensitivityConfig(method=v.method, observer=v.observer, per_channel=v.per_channel, backend=backend,
-                             arch=arch, percentile=v.percentile, part=part, parts=parts)
+                             arch=arch, percentile=v.percentile, part=part, parts=parts,
+                             latency=v.fallback == "latency")
 
 
 def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, Any]]:
@@ -86,6 +87,8 @@ def build_plan(spec: PipelineSpec, sources: dict[str, Any]) -> list[dict[str, An
         nodes += arch_nodes
         for bench, set_name in benches:
             entry = {"name": bench["variant"], "method": bench["config"]["method"]}
+            if "engine" in bench["config"]:  # another engine's (qpipe's is left out: report keys stay)
+                entry["engine"] = bench["config"]["engine"]
             report_variants.append(entry | ({"arch": arch, "set": set_name} if sweep else {}))
             report_inputs[f"bench_{bench['variant']}"] = bench
     nodes.append(_node(JOIN, JOIN, ReportConfig(
@@ -144,16 +147,17 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
                 nodes.extend(parts)
                 inputs |= {f"sensitivity_{i}": part for i, part in enumerate(parts)}
                 config["sensitivity"] = q.sensitivity_parts
-            if v.fallback == "auto":
-                config |= {"fallback": "auto", "accuracy_budget": b.accuracy_budget}
+            if v.fallback in ("auto", "latency"):
+                config |= {"fallback": v.fallback, "accuracy_budget": b.accuracy_budget}
             producer = _node("quantize", f"quantize:{name}", QuantizeConfig(
                 variant=v.name, method=v.method, observer=v.observer, per_channel=v.per_channel, backend=q.backend,
                 arch=arch, percentile=v.percentile, bias_correction=v.bias_correction,
-                export_onnx=v.EXPORTS_ONNX and bool(onnx), **config), inputs, variant=name)
+                export_onnx=v.EXPORTS_ONNX and bool(onnx), **v.engine_options(), **config), inputs, variant=name)
         nodes.append(producer)
-        runtimes = onnx if v.EXPORTS_ONNX else []
+        runtimes = v.measured_on(onnx)
         benches.append((_node("benchmark", f"benchmark:{name}",
-                              BenchmarkConfig(variant=v.name, method=v.method, **bench_cfg, runtimes=runtimes),
+                              BenchmarkConfig(variant=v.name, method=v.method, **bench_cfg, runtimes=runtimes,
+                                              engine=v.ENGINE),
                               {"data": ingest, "model": producer}, variant=name), set_name))
     nodes.extend(bench for bench, _ in benches)
     return nodes, benches

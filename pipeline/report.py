@@ -56,7 +56,13 @@ def table(summary: dict[str, Any]) -> list[list[str]]:
     to the p50 unless TorchScript); speedup is the fastest fp32 form's p50 over the row's."""
     batches = [str(b) for b in summary.get("batch_sizes", [])]
     sweep = is_sweep(summary)
-    header = ["variant"] + (["arch", "set"] if sweep else []) + ["method", "top-1", "drop vs fp32"] + \
+    engines = any(v.get("engine") for v in summary.get("variants", []))  # an engine column when another ran
+
+    def engine(v: dict[str, Any]) -> list[str]:
+        return [v.get("engine") or ("-" if v.get("method") == "fp32" else "qpipe")] if engines else []
+
+    header = ["variant"] + (["arch", "set"] if sweep else []) + ["method"] + (["engine"] if engines else []) + \
+             ["top-1", "drop vs fp32"] + \
              [f"p50 ms @{b}" for b in batches] + [f"speedup @{b}" for b in batches] + \
              ["size", "int8/fp32 layers", "selected"]
     rows = [header]
@@ -68,7 +74,7 @@ def table(summary: dict[str, Any]) -> list[list[str]]:
     for v in listed:
         where = [v.get("variant", v["name"]), v.get("arch") or "-", v.get("set") or "-"] if sweep else [v["name"]]
         if v.get("accuracy_top1") is None:
-            rows.append(where + [v.get("method", "?"), "FAILED", "-"] + ["-"] * 2 * len(batches) +
+            rows.append(where + [v.get("method", "?")] + engine(v) + ["FAILED", "-"] + ["-"] * 2 * len(batches) +
                         ["-", "-", ""])
             continue
         base = baseline_of(summary, v)
@@ -77,7 +83,7 @@ def table(summary: dict[str, Any]) -> list[list[str]]:
             _per_batch({b: base["accuracy_top1"] - t for b, t in top1.items()}, "+.4f")
         speedup = v.get("speedup_vs_fp32") or {}
         layers = "-" if v.get("int8_layers") is None else f"{v['int8_layers']}/{v['fp32_layers']}"
-        rows.append(where + [v["method"], _per_batch(top1, ".4f"), drop] +
+        rows.append(where + [v["method"]] + engine(v) + [_per_batch(top1, ".4f"), drop] +
                     [_latency_cell(v, b) for b in batches] +
                     [f"{speedup[b]:.2f}x" if b in speedup else "-" for b in batches] +
                     [_mb(v["size_bytes"]), layers, "*" if summary.get("selected") == v["name"] else ""])
@@ -119,7 +125,8 @@ CAPTIONS = {
                               "own fp32, so no single budget line is drawn: a filled point is within the budget of "
                               "its arch's fp32, a hollow one is not. The ringed point is the selected variant: the "
                               "fastest filled one.",
-    "size": "Size of each deployable artifact (the TorchScript file that users load).",
+    "size": "Size of each deployable artifact (the TorchScript file that users load; for a variant of another "
+            "engine, that engine's model file).",
     "sensitivity": "Each layer measured alone in int8 (every other layer fp32) on the validation split: the top-1 "
                    "it loses and the SQNR of the logits against fp32. The most sensitive layers come first; red "
                    "bars are the layers the accuracy-budget fallback kept in fp32.",
@@ -314,8 +321,9 @@ def _layer_sections(summary: dict[str, Any]) -> list[Section]:
                 [f"latency cost @{b}" for b in batches]]
         for v in fallbacks:
             fb = v["fallback"]
-            text.append(f"{v['name']}: {fb['message']}." + (f" Kept in fp32: {', '.join(fb['kept_fp32'])}."
-                                                             if fb["kept_fp32"] else ""))
+            order = " (layers taken by top-1 recovered per ms)" if fb.get("order") == "latency" else ""
+            text.append(f"{v['name']}: {fb['message']}{order}." + (f" Kept in fp32: {', '.join(fb['kept_fp32'])}."
+                                                                    if fb["kept_fp32"] else ""))
             cost = fb.get("latency_cost_ms") or {}
             rows.append([v["name"], "yes" if fb["met"] else "NO", str(len(fb["kept_fp32"])), f"{fb['drop']:+.4f}",
                          str(len(fb["tried"]))] + [_ms(cost[b]) if b in cost else "-" for b in batches])
@@ -323,7 +331,7 @@ def _layer_sections(summary: dict[str, Any]) -> list[Section]:
                     "timed by the benchmark stage in the same task.")
         out.append(Section("Accuracy-budget fallback", [*map(_text, text), _table(rows)]))
     measured = [v for v in ordered(summary) if v.get("runtimes") and len(v["runtimes"]) > 1
-                or v.get("skipped_runtimes")]
+                or v.get("skipped_runtimes") or v.get("engine")]
     if measured:
         rows = [["variant", "runtime", "top-1"] + [f"p50 ms @{b}" for b in batches] + ["size", "serves"]]
         text = ["Each static variant runs as its TorchScript file in PyTorch and as its ONNX QDQ export (the same "
@@ -332,6 +340,7 @@ def _layer_sections(summary: dict[str, Any]) -> list[Section]:
                 "within the budget of the fp32 model's top-1 in PyTorch; dynamic and QAT variants run in PyTorch "
                 "only. OpenVINO runs float parts at its CPU plugin's default precision, named in brackets (bf16 on "
                 "CPUs with AMX)."]
+        text += engine_lines(measured)
         for v in measured:
             for rt, m in v.get("runtimes", {}).items():
                 serves = [b for b in batches if (v.get("runtime") or {}).get(b) == rt]
@@ -353,7 +362,44 @@ def _layer_sections(summary: dict[str, Any]) -> list[Section]:
                 f"The {min(SENSITIVITY_ROWS, len(sens['ranking']))} most sensitive are listed; the variant's "
                 "benchmark manifest holds every layer.")
         out.append(Section(f"Layer sensitivity: {', '.join(names)}", [_text(text), _table(rows)]))
+        if sens.get("latency_ranking"):
+            out.append(_latency_ranking(names, sens["latency_ranking"]))
     return out
+
+
+def _latency_ranking(names: list[str], ranking: list[dict[str, Any]]) -> Section:
+    """The second ranking (fallback: latency): top-1 bought back per millisecond each layer costs
+    in fp32, next to its place in the sensitivity ranking."""
+    rows = [["rank", "layer", "top-1 bought back", "cost ms (fp32 vs int8, batch 1)", "top-1 per ms",
+             "sensitivity rank"]]
+    rows += [[str(r["latency_rank"]), r["layer"], f"{r['benefit_top1']:+.4f}", f"{r['cost_ms']:+.3f}",
+              f"{r['recovered_per_ms']:.4f}", str(r["rank"])] for r in ranking[:SENSITIVITY_ROWS]]
+    text = ("The same layers ordered by the top-1 that keeping each in fp32 buys back (the larger of its drop "
+            "alone and what it recovers from the all-int8 model) per millisecond it costs: the all-but-that-layer "
+            "model's latency minus the all-int8 model's, timed interleaved at batch 1 on one thread. A variant "
+            "with fallback: latency keeps layers in this order; with fallback: auto, in the sensitivity order.")
+    return Section(f"Layer cost-benefit: {', '.join(names)}", [_text(text), _table(rows)])
+
+
+def engine_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What the report says of the variants quantized by another engine: how their models run,
+    then per variant what its engine was asked to do and the graph it made."""
+    engines = [v for v in rows if v.get("engine")]
+    if not engines:
+        return []
+    lines = ["A variant with an engine other than qpipe was quantized by that engine from the same fp32 model "
+             "(exported as ONNX) and the same calibration images, and runs as the engine's own model, with no "
+             "TorchScript form: NNCF's OpenVINO IR on OpenVINO, ONNX Runtime's QDQ file on ONNX Runtime and "
+             "OpenVINO. Its top-1 and latency are measured on the same validation images, threads and batch "
+             "sizes, and it is selected like any other variant."]
+    for v in engines:
+        settings = dict(v.get("engine_settings") or {})
+        api, versions = settings.pop("api", v["engine"]), settings.pop("versions", {})
+        graph = f"{v['quantizers']} activation quantizers, " if v.get("quantizers") is not None else ""
+        lines.append(f"{v['name']}: engine {v['engine']}, {api} (" + ", ".join(f"{k} {x}" for k, x in settings.items())
+                     + "; " + ", ".join(f"{k} {x}" for k, x in versions.items()) + f"): {graph}"
+                     f"{v.get('int8_layers', '?')} int8 and {v.get('fp32_layers', '?')} float conv/linear layers.")
+    return lines
 
 
 def _layer_table(layers: dict[str, list[dict]]) -> list[Section]:

@@ -15,6 +15,15 @@ comes from an activation shared with its neighbour (an outlier channel between t
 buys back nothing alone, while the "alone" view flags both; so the fallback follows the "alone"
 ranking and keeps layers in that order, measuring each mix.
 
+With ``fallback: latency`` each part also times what keeping a layer fp32 costs: the all-but-that-
+layer model against the all-int8 model, at batch 1 on one thread, interleaved round by round in
+the same process (``cost_ms``, the median of the per-round differences). ``rank_by_latency`` then
+orders the layers by top-1 bought back per millisecond: the benefit of a layer is the larger of
+its two views (``drop_top1`` alone, ``recovered_top1`` all-but), divided by its cost (at least
+``MIN_COST_MS``, so a free layer ranks by its benefit and noise below it cannot invert the
+order); layers that buy back nothing follow in the sensitivity order. The fallback then keeps
+layers in that order, so where two layers recover the same top-1 the cheap one is kept first.
+
 Every conversion reuses the one calibrated graph (``pipeline.quant.convert_calibrated``), so a
 layer's row depends only on the calibration and the layer: the rows of different parts computed
 on different workers fit together into one ranking.
@@ -23,6 +32,8 @@ on different workers fit together into one ranking.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +43,9 @@ from torch import nn
 from pipeline.quant import convert_calibrated, quantizable_layers, quiet
 
 EVAL_BATCH = 64
+MIN_COST_MS = 0.01  # costs below this (timer noise, or a layer that is no slower in fp32) count as this
+COST_ROUNDS = 15  # interleaved rounds per layer when timing what keeping it fp32 costs
+COST_CALLS = 3  # calls per model per round
 
 
 @torch.no_grad()
@@ -68,21 +82,56 @@ def part_layers(observed: nn.Module, part: int, parts: int) -> list[str]:
     return quantizable_layers(observed)[part::parts]
 
 
+@torch.no_grad()
+def extra_ms(model: nn.Module, reference: nn.Module, x1: torch.Tensor, rounds: int = COST_ROUNDS,
+             calls: int = COST_CALLS) -> float:
+    """How many milliseconds one call of ``model`` takes beyond one of ``reference`` on ``x1``:
+    the median over interleaved rounds of the difference of their per-call means, so drift in
+    the machine's speed hits both alike. One thread, as the benchmark times batch 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.eval()
+        reference.eval()
+        with quiet():
+            for _ in range(2):  # warm-up: first calls allocate and pick kernels
+                model(x1), reference(x1)
+            diffs = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    model(x1)
+                t1 = time.perf_counter()
+                for _ in range(calls):
+                    reference(x1)
+                t2 = time.perf_counter()
+                diffs.append(((t1 - t0) - (t2 - t1)) / calls * 1000.0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(diffs)
+
+
 def measure(observed: nn.Module, layers: Sequence[str], x: torch.Tensor, y: torch.Tensor, fp32: torch.Tensor,
-            *, on_layer: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
+            *, on_layer: Callable[[int, str], None] | None = None, timed: bool = False) -> list[dict[str, Any]]:
     """One row per layer: top-1 drop and logit SQNR with that layer alone in int8, and top-1 and
-    logit SQNR with all but that layer in int8. ``fp32`` holds the fp32 model's logits on ``x``."""
+    logit SQNR with all but that layer in int8. ``fp32`` holds the fp32 model's logits on ``x``.
+    ``timed``: also ``cost_ms``, what the all-but model takes beyond the all-int8 one at batch 1."""
     everything = quantizable_layers(observed)
     fp32_top1 = top1(fp32, y)
+    all_int8 = convert_calibrated(observed) if timed else None
     rows = []
     for i, layer in enumerate(layers):
         if on_layer:
             on_layer(i, layer)
         alone = logits_of(convert_calibrated(observed, [n for n in everything if n != layer]), x)
-        but = logits_of(convert_calibrated(observed, [layer]), x)
-        rows.append({"layer": layer, "index": everything.index(layer),
-                     "drop_top1": round(fp32_top1 - top1(alone, y), 6), "sqnr_db": json_db(sqnr_db(fp32, alone)),
-                     "all_but_top1": top1(but, y), "all_but_sqnr_db": json_db(sqnr_db(fp32, but))})
+        but_model = convert_calibrated(observed, [layer])
+        but = logits_of(but_model, x)
+        row = {"layer": layer, "index": everything.index(layer),
+               "drop_top1": round(fp32_top1 - top1(alone, y), 6), "sqnr_db": json_db(sqnr_db(fp32, alone)),
+               "all_but_top1": top1(but, y), "all_but_sqnr_db": json_db(sqnr_db(fp32, but))}
+        if all_int8 is not None:
+            row["cost_ms"] = round(extra_ms(but_model, all_int8, x[:1]), 5)
+        rows.append(row)
     return rows
 
 
@@ -97,8 +146,23 @@ def rank(rows: list[dict[str, Any]], int8_accuracy: float) -> list[dict[str, Any
     return out
 
 
+def rank_by_latency(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``rank`` (each with ``cost_ms``) ordered by top-1 bought back per millisecond
+    of keeping the layer fp32, highest first; layers that buy back nothing keep their sensitivity
+    order after them. Adds ``benefit_top1``, ``recovered_per_ms`` and a 1-based ``latency_rank``."""
+    out = []
+    for r in ranked:
+        benefit = max(r["drop_top1"], r["recovered_top1"], 0.0)
+        out.append({**r, "benefit_top1": round(benefit, 6),
+                    "recovered_per_ms": round(benefit / max(r["cost_ms"], MIN_COST_MS), 6)})
+    out.sort(key=lambda r: (r["benefit_top1"] <= 0.0, -r["recovered_per_ms"], r["rank"]))
+    for i, r in enumerate(out, 1):
+        r["latency_rank"] = i
+    return out
+
+
 def search_fallback(ranking: list[dict[str, Any]], accuracy_of: Callable[[list[str]], float], *,
-                    fp32_accuracy: float, budget: float,
+                    fp32_accuracy: float, budget: float, order: str = "sensitivity",
                     on_try: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Keep the most sensitive layers in fp32, fewest first: the first k = 0, 1, 2, ... for which
     the top-1 drop against fp32 (``accuracy_of(kept layers)``) is within ``budget``. When no k
@@ -127,6 +191,7 @@ def search_fallback(ranking: list[dict[str, Any]], accuracy_of: Callable[[list[s
     else:
         message = (f"no mix meets the budget of {budget:.4f}: even the best one tried, {len(kept)} layer(s) kept in "
                    f"fp32, drops {best['drop']:.4f}; use QAT, another observer, or a larger budget")
-    return {"mode": "auto", "budget": budget, "met": met, "kept_fp32": kept, "fp32_accuracy": fp32_accuracy,
+    return {"mode": "auto" if order == "sensitivity" else "latency", "order": order, "budget": budget, "met": met,
+            "kept_fp32": kept, "fp32_accuracy": fp32_accuracy,
             "accuracy_top1": best["accuracy_top1"], "drop": round(best["drop"], 6), "tried": tried,
             "message": message}

@@ -21,7 +21,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_serializer,
@@ -164,6 +166,7 @@ class _Variant(_Strict):
     PRODUCER: ClassVar[str] = "quantize"
     CALIBRATED: ClassVar[bool] = False
     EXPORTS_ONNX: ClassVar[bool] = False
+    ENGINE: ClassVar[str] = "qpipe"  # who quantizes: qpipe itself (torch.ao), or another engine (_EngineVariant)
 
     name: str
     per_channel: bool = True
@@ -184,8 +187,10 @@ class _Variant(_Strict):
             return data
         own = cls.model_fields
         name, method = data.get("name"), cls.METHOD
-        foreign = {k: v for k, v in data.items() if k in UNSET_OPTIONS and k not in own}
-        given = {k for k, v in foreign.items() if v is not None and v is not False and v != "none"}
+        foreign = {k: v for k, v in data.items() if k in UNSET_OPTIONS | ENGINE_OPTIONS and k not in own}
+        given = {k for k, v in foreign.items() if v is not None and v is not False and v != "none"
+                 and not (k == "engine" and v == "qpipe")}
+        _refuse_other_engines_options(cls, name, given)
         if "observer" in given:
             raise ValueError(f"observer is only used by method: static (variant {name!r} is {method}): remove it")
         if "percentile" in given:
@@ -202,25 +207,68 @@ class _Variant(_Strict):
         if extra:
             raise ValueError(f"{', '.join(extra)} only apply to method: qat (variant {name!r} is {method}): "
                              "remove them")
-        return {k: v for k, v in data.items() if k not in foreign}
+        return {k: v for k, v in data.items() if k not in foreign and not (k == "engine" and v is None)}
 
     def __getattr__(self, name: str) -> Any:
-        # another method's option reads as unset (a dynamic variant's observer is None)
+        # another method's option reads as unset (a dynamic variant's observer is None); so does
+        # another engine's (a dynamic variant's engine is qpipe, its preset None)
         if name in UNSET_OPTIONS:
             return UNSET_OPTIONS[name]
+        if name in ENGINE_OPTIONS:
+            return ENGINE_OPTIONS[name]
         return super().__getattr__(name)  # type: ignore[misc]
+
+    def engine_options(self) -> dict[str, Any]:
+        """The engine and its options as the quantize stage's config takes them: nothing for
+        qpipe's own engine, so its configs (and keys) are what they were before engines existed."""
+        return {}
+
+    def measured_on(self, runtimes: list[str]) -> list[str]:
+        """Which of ``runtimes`` (benchmark.runtimes besides TorchScript) the variant's model is
+        measured on besides TorchScript: all of them where it is exported as ONNX QDQ."""
+        return list(runtimes) if self.EXPORTS_ONNX else []
 
     @model_serializer(mode="wrap")
     def _every_option(self, handler: Any) -> dict[str, Any]:
         # dumped with every method's options (unset where they are not its own), as when one class
         # held them all: the spec's digest (pipeline.runner.spec_digest) stays what it was
-        return {**UNSET_OPTIONS, **handler(self)}
+        out = {**UNSET_OPTIONS, **handler(self)}
+        if out.get("engine") == "qpipe":  # qpipe's own engine dumps as it did before engines existed
+            del out["engine"]
+        return out
 
 
 # every method-specific option, with the value it reads as on a variant of another method
 UNSET_OPTIONS: dict[str, Any] = {"observer": None, "percentile": None, "bias_correction": False,
                                  "sensitivity": False, "fallback": "none", "epochs": None, "lr": None,
                                  "batch_size": None}
+# the engine of a static variant and each engine's options, with the value they read as on a variant
+# that has none; dumped only by the variants that have them (engines came after spec digests)
+ENGINE_OPTIONS: dict[str, Any] = {"engine": "qpipe", "preset": None, "fast_bias_correction": None,
+                                  "calibrate_method": None, "preprocess": None}
+
+
+def _refuse_other_engines_options(cls: type[_Variant], name: Any, given: set[str]) -> None:
+    """Raise ValueError naming an option ``given`` to a variant of ``cls`` that belongs to
+    another engine: qpipe's calibration options on another engine's variant, one engine's
+    options on another's, or an engine on a method other than static."""
+    engine = cls.ENGINE
+    own_calibration = sorted(given & set(StaticVariant.model_fields)) if engine != "qpipe" else []
+    if own_calibration:
+        one = len(own_calibration) == 1
+        raise ValueError(f"{', '.join(own_calibration)} {'is an option' if one else 'are options'} of qpipe's own "
+                         f"calibration, and variant {name!r} uses engine: {engine}, which calibrates the model "
+                         f"itself: remove {'it' if one else 'them'}, or remove engine to quantize with qpipe")
+    for option in sorted(given & (ENGINE_OPTIONS.keys() - {"engine"})):
+        owner = ENGINE_OF_OPTION[option]
+        if cls.METHOD != "static":
+            raise ValueError(f"{option} is an option of engine: {owner} with method: static (variant {name!r} is "
+                             f"{cls.METHOD}): remove it")
+        fix = f"set engine: {owner}, or remove it" if engine == "qpipe" else "remove it"
+        raise ValueError(f"{option} is an option of engine: {owner} (variant {name!r} uses engine: {engine}): {fix}")
+    if "engine" in given:
+        raise ValueError(f"engine only applies to method: static (variant {name!r} is {cls.METHOD}): remove it, "
+                         "or set method: static")
 
 
 class _PerChannelOnly(_Variant):
@@ -240,6 +288,9 @@ class StaticVariant(_Variant):
     EXPORTS_ONNX: ClassVar[bool] = True
 
     method: Literal["static"]
+    engine: Literal["qpipe"] = Field(
+        "qpipe", description="static only: who quantizes: qpipe (torch.ao, from a stored calibration), nncf or "
+        "onnxruntime (that engine's post-training quantization, with its own options)")
     observer: Observer = "histogram"
     percentile: float | None = Field(
         None, gt=50.0, le=100.0, description="observer: percentile clips activations to this percentile "
@@ -250,9 +301,10 @@ class StaticVariant(_Variant):
     sensitivity: bool = Field(
         False, description="static only: measure every layer's effect on top-1 and SQNR (that layer alone in "
         "int8, and all but it), split over quantize.sensitivity_parts tasks; the report ranks the layers")
-    fallback: Literal["none", "auto"] = Field(
+    fallback: Literal["none", "auto", "latency"] = Field(
         "none", description="static only: auto keeps the most sensitive layers fp32, fewest first, until the "
-        "top-1 drop is within benchmark.accuracy_budget (implies sensitivity)")
+        "top-1 drop is within benchmark.accuracy_budget (implies sensitivity); latency does the same in the "
+        "order of top-1 recovered per millisecond each layer costs in fp32, measured per layer")
 
     @model_validator(mode="before")
     @classmethod
@@ -270,7 +322,7 @@ class StaticVariant(_Variant):
             )
         if self.observer == "percentile" and self.percentile is None:
             self.percentile = DEFAULT_PERCENTILE
-        if self.fallback == "auto":
+        if self.fallback in ("auto", "latency"):
             self.sensitivity = True
         return self
 
@@ -302,8 +354,85 @@ class QatVariant(_PerChannelOnly):
         return data
 
 
+class _EngineVariant(_Variant):
+    """Post-training static quantization by another engine (``pipeline.engines``): its quantize
+    node exports the fine-tuned model as fp32 ONNX and hands it, with the ingest's calibration
+    images, to the engine, which calibrates and quantizes by its own rules. Its model has no
+    TorchScript form: it is measured on the runtimes of ``RUNS_ON`` that benchmark.runtimes lists."""
+
+    METHOD: ClassVar[str] = "static"
+    RUNS_ON: ClassVar[tuple[str, ...]]
+
+    method: Literal["static"]
+
+    def engine_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ENGINE_OPTIONS if k in type(self).model_fields}
+
+    def measured_on(self, runtimes: list[str]) -> list[str]:
+        return [r for r in runtimes if r in self.RUNS_ON]
+
+
+class NncfVariant(_EngineVariant):
+    """engine: nncf: NNCF's post-training quantization of the OpenVINO model; its model is
+    OpenVINO IR, run by OpenVINO."""
+
+    ENGINE: ClassVar[str] = "nncf"
+    RUNS_ON: ClassVar[tuple[str, ...]] = ("openvino",)
+
+    engine: Literal["nncf"]
+    preset: Literal["performance", "mixed"] = Field(
+        "performance", description="engine: nncf: NNCF's preset: performance (symmetric activations and weights) "
+        "or mixed (asymmetric activations)")
+    fast_bias_correction: bool = Field(
+        True, description="engine: nncf: NNCF's fast bias correction (its default); false runs its full "
+        "BiasCorrection algorithm (slower)")
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> NncfVariant:
+        if not self.per_channel:
+            raise ValueError("engine: nncf quantizes weights per channel (both presets): remove per_channel")
+        return self
+
+
+class OnnxRuntimeVariant(_EngineVariant):
+    """engine: onnxruntime: ONNX Runtime's static quantization to a QDQ ONNX model; run by ONNX
+    Runtime and by OpenVINO."""
+
+    ENGINE: ClassVar[str] = "onnxruntime"
+    RUNS_ON: ClassVar[tuple[str, ...]] = ("onnxruntime", "openvino")
+
+    engine: Literal["onnxruntime"]
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="engine: onnxruntime: its activation calibration (CalibrationMethod)")
+    preprocess: bool = Field(
+        True, description="engine: onnxruntime: run its quant_pre_process (shape inference, graph optimisation) "
+        "before quantizing, as its documentation recommends")
+
+
 METHODS: dict[str, type[_Variant]] = {c.METHOD: c for c in (StaticVariant, DynamicVariant, QatVariant)}
-VariantSpec = Annotated[StaticVariant | DynamicVariant | QatVariant, Field(discriminator="method")]
+ENGINES: dict[str, type[_Variant]] = {c.ENGINE: c for c in (StaticVariant, NncfVariant, OnnxRuntimeVariant)}
+ENGINE_OF_OPTION = {k: c.ENGINE for c in ENGINES.values() for k in c.model_fields
+                    if k in ENGINE_OPTIONS and k != "engine"}
+# a variant's class by its tag: its method, and for a static variant quantized by another engine
+# method:engine (pydantic shows the tag in error locations; _shown_loc drops it)
+VARIANT_KINDS: dict[str, type[_Variant]] = {**METHODS, **{f"static:{e}": c for e, c in ENGINES.items() if e != "qpipe"}}
+
+
+def _variant_kind(data: Any) -> str | None:
+    """The tag of the variant class ``data`` (a dict or a variant) is parsed with: its method,
+    or ``static:<engine>`` for a static variant with an engine other than qpipe."""
+    get = data.get if isinstance(data, dict) else lambda key: getattr(data, key, None)
+    method, engine = get("method"), get("engine")
+    if method is not None and not isinstance(method, str):
+        method = str(method)
+    if method != "static" or engine is None or engine == "qpipe":
+        return method
+    return f"static:{engine}"
+
+
+VariantSpec = Annotated[
+    typing.Union[tuple(Annotated[c, Tag(t)] for t, c in VARIANT_KINDS.items())],  # noqa: UP007 - built from the table
+    Discriminator(_variant_kind)]
 
 
 class QuantizeSpec(_Strict):
@@ -449,6 +578,18 @@ class PipelineSpec(_Strict):
                                            "random weights), or sweep one arch")
         return self
 
+    @model_validator(mode="after")
+    def _engines_have_runtimes(self) -> PipelineSpec:
+        """A variant of another engine is measured only on the runtimes its model runs on."""
+        for set_name, variants in self.variant_sets().items():
+            where = "quantize.variants" if set_name is None else f"sweep.variant_sets.{set_name}"
+            for i, v in enumerate(variants):
+                if isinstance(v, _EngineVariant) and not v.measured_on(self.benchmark.runtimes):
+                    raise _refuse(f"{where}.{i}.engine", f"engine {v.ENGINE}'s model runs on "
+                                  f"{' or '.join(v.RUNS_ON)} only, and benchmark.runtimes lists "
+                                  f"{', '.join(self.benchmark.runtimes)}: add {v.RUNS_ON[0]} to benchmark.runtimes")
+        return self
+
     def archs(self) -> list[str]:
         """The archs this spec trains: sweep.archs, or model.arch."""
         return list(self.sweep.archs) if self.sweep and self.sweep.archs else [self.model.arch]
@@ -521,7 +662,7 @@ def _inside(annotation: Any) -> tuple[type[BaseModel] | dict[str, type[BaseModel
     by method), and whether a dict is crossed on the way (its keys then appear in error
     locations)."""
     if annotation == VariantSpec:
-        return dict(METHODS), False
+        return dict(VARIANT_KINDS), False
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, False
     crossed = typing.get_origin(annotation) is dict
@@ -554,16 +695,19 @@ BOUND_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "le
 
 
 def _shown_loc(loc: tuple) -> tuple:
-    """An error location as the spec reads: without the method tag pydantic inserts after a
-    variant's index (``quantize.variants.1.dynamic.observer`` is ``quantize.variants.1.observer``)."""
-    return tuple(p for i, p in enumerate(loc) if not (p in METHODS and i and isinstance(loc[i - 1], int)))
+    """An error location as the spec reads: without the variant's tag pydantic inserts after its
+    index (``quantize.variants.1.dynamic.observer`` is ``quantize.variants.1.observer``)."""
+    return tuple(p for i, p in enumerate(loc) if not (p in VARIANT_KINDS and i and isinstance(loc[i - 1], int)))
 
 
 def _explain(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in _shown_loc(e["loc"])) or "(top level)"
-        if e["type"] == "union_tag_invalid":  # a variant's method
+        if e["type"] == "union_tag_invalid" and str(e["ctx"]["tag"]).startswith("static:"):  # its engine
+            problems.append(f"{loc}.engine: Input should be {_SHOWN.repr(list(ENGINES))[1:-1]} "
+                            f"(got {_SHOWN.repr(str(e['ctx']['tag']).removeprefix('static:'))})")
+        elif e["type"] == "union_tag_invalid":  # a variant's method
             problems.append(f"{loc}.method: Input should be {_SHOWN.repr(list(METHODS))[1:-1]} "
                             f"(got {_SHOWN.repr(e['ctx']['tag'])})")
         elif e["type"] == "union_tag_not_found":

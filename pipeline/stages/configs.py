@@ -98,20 +98,33 @@ class ConvertConfig(StageConfig):
 
 
 class SensitivityConfig(ConvertConfig):
+    OPTIONAL: ClassVar[frozenset[str]] = ConvertConfig.OPTIONAL | {"latency"}
+
     part: int
     parts: int
+    latency: bool = False  # also time what keeping each layer fp32 costs (fallback: latency)
+
+
+ENGINE_FIELDS = ("engine", "preset", "fast_bias_correction", "calibrate_method", "preprocess")
 
 
 class QuantizeConfig(ConvertConfig):
     OPTIONAL: ClassVar[frozenset[str]] = ConvertConfig.OPTIONAL | {
-        "bias_correction", "sensitivity", "fallback", "accuracy_budget", "export_onnx"}
+        "bias_correction", "sensitivity", "fallback", "accuracy_budget", "export_onnx", *ENGINE_FIELDS}
 
     variant: str
     bias_correction: bool = False
     sensitivity: int | None = None  # the number of sensitivity parts to join
-    fallback: Literal["auto"] | None = None
-    accuracy_budget: float | None = None  # with fallback: auto
+    fallback: Literal["auto", "latency"] | None = None
+    accuracy_budget: float | None = None  # with a fallback
     export_onnx: bool = False
+    # who quantizes (pipeline.engines): qpipe from the calibration input, or another engine from the
+    # fp32 model and the calibration images, with that engine's options (None for the others)
+    engine: Literal["qpipe", "nncf", "onnxruntime"] = "qpipe"
+    preset: Literal["performance", "mixed"] | None = None  # nncf
+    fast_bias_correction: bool | None = None  # nncf
+    calibrate_method: Literal["minmax", "entropy", "percentile"] | None = None  # onnxruntime
+    preprocess: bool | None = None  # onnxruntime
 
 
 class QatConfig(StageConfig):
@@ -128,7 +141,7 @@ class QatConfig(StageConfig):
 
 
 class BenchmarkConfig(StageConfig):
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"runtimes"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"runtimes", "engine"})
 
     variant: str
     method: str  # fp32 or the variant's method
@@ -138,13 +151,16 @@ class BenchmarkConfig(StageConfig):
     iterations: int
     backend: str
     runtimes: list[str] = []  # the runtimes besides TorchScript that run the variant's ONNX export
+    engine: str = "qpipe"  # another engine's model has no TorchScript form: measured on ``runtimes`` alone
 
 
 class ReportEntry(TypedDict, total=False):
-    """One benchmark the report joins: its plan name and method; in a sweep its arch and set."""
+    """One benchmark the report joins: its plan name and method (and engine, when not qpipe); in a
+    sweep its arch and set."""
 
     name: str
     method: str
+    engine: str
     arch: str
     set: str | None
 

@@ -9,14 +9,20 @@ With ``sensitivity`` the stage joins the parts of the per-layer sensitivity anal
 ``sensitivity_*`` inputs) into one ranking. With ``fallback: auto`` it then keeps the most
 sensitive layers in fp32, fewest first, until the top-1 drop on the validation split is within
 ``accuracy_budget`` (``pipeline.sensitivity.search_fallback``), and stores the all-int8 model
-next to the result so the benchmark can measure what the kept layers cost in latency."""
+next to the result so the benchmark can measure what the kept layers cost in latency.
+
+A static variant of another engine (``engine: nncf`` or ``onnxruntime``) is quantized by that
+engine instead (``engine_int8``, ``pipeline.engines``), from the fp32 model and the calibration
+images, and stored as the engine wrote it."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from pipeline.engines import EngineModel, graph_counts, quantize_nncf, quantize_onnxruntime
 from pipeline.errors import StageError
 from pipeline.quant import (
     BIAS_CORRECTION_IMAGES,
@@ -28,7 +34,7 @@ from pipeline.quant import (
     quantize_dynamic,
 )
 from pipeline.runtimes import export_onnx_qdq, int8_biases
-from pipeline.sensitivity import logits_of, rank, search_fallback, top1
+from pipeline.sensitivity import logits_of, rank, rank_by_latency, search_fallback, top1
 from pipeline.stages import StageContext
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
 from pipeline.stages.configs import QuantizeConfig
@@ -46,10 +52,14 @@ def join_sensitivity(inputs: dict, parts: int) -> dict:
             raise StageError(f"the sensitivity parts disagree on {key} ({sorted({g[key] for g in got})}): "
                              "they should all see the same calibration and model; rerun the variant")
     rows = [r for g in got for r in g["layers"]]
-    return {"fp32_accuracy": got[0]["fp32_accuracy"], "int8_accuracy": got[0]["int8_accuracy"],
-            "int8_sqnr_db": got[0]["int8_sqnr_db"], "val_images": got[0]["val_images"], "parts": parts,
-            "method": "each layer alone in int8 (drop_top1, sqnr_db); all but that layer in int8 (all_but_*)",
-            "ranking": rank(rows, got[0]["int8_accuracy"])}
+    ranking = rank(rows, got[0]["int8_accuracy"])
+    joined = {"fp32_accuracy": got[0]["fp32_accuracy"], "int8_accuracy": got[0]["int8_accuracy"],
+              "int8_sqnr_db": got[0]["int8_sqnr_db"], "val_images": got[0]["val_images"], "parts": parts,
+              "method": "each layer alone in int8 (drop_top1, sqnr_db); all but that layer in int8 (all_but_*)",
+              "ranking": ranking}
+    if rows and all("cost_ms" in r for r in rows):  # timed (fallback: latency): the second ranking
+        joined["latency_ranking"] = rank_by_latency(ranking)
+    return joined
 
 
 def static_int8(ctx: StageContext, cfg: QuantizeConfig, inputs: dict) -> tuple[Any, dict, dict]:
@@ -73,7 +83,7 @@ def static_int8(ctx: StageContext, cfg: QuantizeConfig, inputs: dict) -> tuple[A
     kept: list[str] = []
     if cfg.sensitivity:
         extra["sensitivity"] = join_sensitivity(inputs, cfg.sensitivity)
-    if cfg.fallback == "auto":
+    if cfg.fallback in ("auto", "latency"):
         x, y = validation(ctx, data)
 
         def accuracy_of(layers: list[str]) -> float:
@@ -84,8 +94,13 @@ def static_int8(ctx: StageContext, cfg: QuantizeConfig, inputs: dict) -> tuple[A
         def on_try(k: int, total: int) -> None:
             ctx.progress(0.6 * k / max(total, 1), f"fallback: {k} most sensitive layer(s) kept fp32")
 
-        fb = search_fallback(extra["sensitivity"]["ranking"], accuracy_of,
-                             fp32_accuracy=extra["sensitivity"]["fp32_accuracy"], budget=cfg.accuracy_budget,
+        sens = extra["sensitivity"]
+        if cfg.fallback == "latency" and "latency_ranking" not in sens:
+            raise StageError("fallback: latency needs the sensitivity parts' latency costs, and they have none: "
+                             "rerun the variant (its sensitivity parts are recomputed with timing)")
+        order = "latency" if cfg.fallback == "latency" else "sensitivity"
+        fb = search_fallback(sens["latency_ranking" if order == "latency" else "ranking"], accuracy_of,
+                             fp32_accuracy=sens["fp32_accuracy"], budget=cfg.accuracy_budget, order=order,
                              on_try=on_try)
         kept = fb["kept_fp32"]
         extra["fallback"] = fb
@@ -122,8 +137,51 @@ def dynamic_int8(ctx: StageContext, cfg: QuantizeConfig, inputs: dict) -> tuple[
 CONVERTERS: dict[str, Callable[[StageContext, QuantizeConfig, dict], tuple[Any, dict, dict]]] = {
     "static": static_int8, "dynamic": dynamic_int8}
 
+# each other engine (pipeline.engines) with the options of the config it reads
+ENGINES: dict[str, Callable[[Path, Any, Path, QuantizeConfig], EngineModel]] = {
+    "nncf": lambda fp32, calib, out, cfg: quantize_nncf(
+        fp32, calib, out, preset=cfg.preset or "performance", fast_bias_correction=cfg.fast_bias_correction
+        is not False),
+    "onnxruntime": lambda fp32, calib, out, cfg: quantize_onnxruntime(
+        fp32, calib, out, per_channel=cfg.per_channel, calibrate_method=cfg.calibrate_method or "minmax",
+        preprocess=cfg.preprocess is not False),
+}
+
+
+def engine_int8(ctx: StageContext, cfg: QuantizeConfig, inputs: dict) -> dict:
+    """Another engine's static int8 model: the fine-tuned model exported as fp32 ONNX and the
+    ingest's calibration images (normalised as every input is) handed to ``cfg.engine``. The
+    engine's model (OpenVINO IR, or an ONNX QDQ file) is the stage's whole result: it has no
+    TorchScript form. The manifest counts its int8 and float layers and its quantizers."""
+    from pipeline.runtimes import export_onnx_fp32
+
+    data = inputs["data"]
+    ctx.progress(0.05, "exporting the fp32 model as ONNX")
+    fp32 = export_onnx_fp32(load_fp32(ctx, inputs["model"], data), example_input(data), ctx.workdir / "fp32.onnx")
+    calib = normalize(load_split(ctx, data, "calib")[0], **norm(data)).numpy()
+    ctx.check_cancelled(every=0.0)
+    ctx.progress(0.3, f"{cfg.engine}: quantizing, calibrated on {len(calib)} images")
+    made = ENGINES[cfg.engine](fp32, calib, ctx.workdir, cfg)
+    ctx.images(len(calib), "calibrate")
+    outputs = {"model": ctx.put(made.path.name, made.path)}
+    if made.weights is not None:
+        outputs["weights"] = ctx.put(made.weights.name, made.weights)
+    return {
+        "classes": data["classes"],
+        "preprocess": data["preprocess"],
+        "method": cfg.method,
+        "engine": cfg.engine,
+        "format": made.format,
+        "engine_settings": made.settings,
+        **graph_counts(made.path, made.format),
+        "layers": [],
+        "outputs": outputs,
+    }
+
 
 def quantize(ctx: StageContext, cfg: QuantizeConfig, inputs: dict) -> dict:
+    if cfg.engine != "qpipe":
+        return engine_int8(ctx, cfg, inputs)
     data = inputs["data"]
     example = example_input(data)
     qmodel, extra, outputs = CONVERTERS[cfg.method](ctx, cfg, inputs)

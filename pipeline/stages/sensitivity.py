@@ -49,7 +49,7 @@ def sensitivity(ctx: StageContext, cfg: SensitivityConfig, inputs: dict) -> dict
         ctx.check_cancelled(every=0.0)
         ctx.images(2 * len(y), "eval")
 
-    rows = measure(observed, layers, x, y, fp32, on_layer=on_layer)
+    rows = measure(observed, layers, x, y, fp32, on_layer=on_layer, timed=cfg.latency)
     return {
         "part": cfg.part,
         "parts": cfg.parts,

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.errors import SpecError
 from pipeline.runner import run_in_process
-from pipeline.sensitivity import rank, search_fallback
+from pipeline.sensitivity import rank, rank_by_latency, search_fallback
 from pipeline.spec import parse_spec
 from pipeline.stages import execute
 from tests.helpers import OUTLIER_BLOCK, TRAINED_SPEC, Finetuned, Trained, nodes_of, with_outlier
@@ -176,3 +176,60 @@ def test_each_static_variant_runs_on_every_runtime_or_says_why_not(outcome: Outc
     if "onnxruntime" in outcome.variants["minmax-fallback"]["runtimes"]:
         md = outcome.store.get_bytes(outcome.store.key_of(outcome.summary["report"])).decode()
         assert "## Runtimes" in md and "| minmax-fallback | onnxruntime |" in md
+
+
+# ------------------------------------------------------------------ fallback: latency
+
+def test_latency_ranking_takes_the_layer_that_buys_most_per_millisecond_first() -> None:
+    rows = [{"layer": "big", "index": 0, "drop_top1": 0.04, "sqnr_db": 5.0, "all_but_top1": 0.90, "cost_ms": 0.40},
+            {"layer": "cheap", "index": 1, "drop_top1": 0.03, "sqnr_db": 6.0, "all_but_top1": 0.89, "cost_ms": 0.02},
+            {"layer": "free", "index": 2, "drop_top1": 0.01, "sqnr_db": 9.0, "all_but_top1": 0.87, "cost_ms": -0.01},
+            {"layer": "inert", "index": 3, "drop_top1": 0.0, "sqnr_db": 30.0, "all_but_top1": 0.86, "cost_ms": 0.0}]
+    by_drop = rank([{k: v for k, v in r.items()} for r in rows], int8_accuracy=0.86)
+    assert [r["layer"] for r in by_drop] == ["big", "cheap", "free", "inert"]
+    by_cost = rank_by_latency(by_drop)
+    # free: 0.01 per the 0.01 ms floor = 1.0/ms; cheap: 0.03 / 0.02 = 1.5/ms; big: 0.04 / 0.4 = 0.1/ms;
+    # inert buys nothing back and stays last, whatever it costs
+    assert [r["layer"] for r in by_cost] == ["cheap", "free", "big", "inert"]
+    assert [r["latency_rank"] for r in by_cost] == [1, 2, 3, 4]
+    assert by_cost[0]["recovered_per_ms"] == pytest.approx(1.5) and by_cost[0]["rank"] == 2
+    fb = search_fallback(by_cost, lambda kept: 0.86 + 0.03 * ("cheap" in kept) + 0.01 * ("free" in kept),
+                         fp32_accuracy=0.90, budget=0.01, order="latency")
+    assert fb["met"] and fb["kept_fp32"] == ["cheap"] and fb["order"] == "latency"
+
+
+@pytest.fixture(scope="module")
+def latency_outcome(outcome: Outcome) -> dict:
+    """The same model and calibration (cached) with one variant that falls back by latency."""
+    spec = outlier_spec(outcome.spec.model.weights)
+    spec["quantize"]["variants"] = [{"name": "minmax-latency", "method": "static", "observer": "minmax",
+                                     "fallback": "latency"}]
+    parsed = parse_spec(spec)
+    plan = nodes_of(parsed, outcome.store)
+    summary = run_in_process(parsed, outcome.store)
+    return {"summary": summary, "quantize": execute(plan["quantize:minmax-latency"], outcome.store).manifest,
+            "parts": [execute(plan[f"sensitivity:minmax-latency:{i}"], outcome.store).manifest for i in range(PARTS)]}
+
+
+def test_latency_fallback_times_each_layer_and_keeps_layers_by_top1_per_millisecond(latency_outcome: dict) -> None:
+    parts = latency_outcome["parts"]
+    rows = [r for p in parts for r in p["layers"]]
+    assert rows and all(isinstance(r["cost_ms"], float) for r in rows), rows[:2]
+    sens = latency_outcome["quantize"]["sensitivity"]
+    by_cost = sens["latency_ranking"]
+    assert sorted(r["layer"] for r in by_cost) == sorted(r["layer"] for r in sens["ranking"])
+    gaining = [r for r in by_cost if r["benefit_top1"] > 0]
+    assert [r["recovered_per_ms"] for r in gaining] == sorted((r["recovered_per_ms"] for r in gaining), reverse=True)
+    fb = latency_outcome["quantize"]["fallback"]
+    tried = ", ".join(f"{t['kept']} kept: drop {t['drop']:+.4f}" for t in fb["tried"])
+    assert fb["order"] == "latency" and fb["met"] is True, f"{fb['message']} ({tried})"
+    assert fb["kept_fp32"] == [r["layer"] for r in by_cost[:len(fb["kept_fp32"])]]  # taken in that order
+    assert OUTLIER_LAYERS & set(fb["kept_fp32"]), tried  # what repairs the planted outlier is among them
+    assert latency_outcome["summary"]["variants"][0]["fallback"]["order"] == "latency"
+
+
+def test_report_shows_both_rankings_for_a_latency_fallback(latency_outcome: dict, outcome: Outcome) -> None:
+    summary = latency_outcome["summary"]
+    md = outcome.store.get_bytes(outcome.store.key_of(summary["report"])).decode()
+    assert "## Layer sensitivity: minmax-latency" in md and "## Layer cost-benefit: minmax-latency" in md
+    assert "layers taken by top-1 recovered per ms" in md
