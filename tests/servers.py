@@ -13,6 +13,7 @@ S3 endpoint from SeaweedFS (``weed mini``), Flower, and the port helpers they ne
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -24,7 +25,6 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import redis
@@ -38,7 +38,7 @@ from bench._servers import (  # noqa: F401 (re-exported: shared with the benchma
     free_ports,
     port_is_open,
 )
-from workers.embedded import free_port  # noqa: F401 (re-exported for the tests)
+from workers.embedded import WorkerProcess, free_port  # noqa: F401 (free_port: re-exported for the tests)
 from workers.servers import ServerProcess
 
 logger = logging.getLogger(__name__)
@@ -257,34 +257,55 @@ class FlowerProcess(ServerProcess):
 
 
 class Cluster:
-    """A broker and ``qpipe worker`` processes against it, the one way integration tests start a
-    cluster: the session's (``cluster`` in conftest.py, on the session's broker) and the fleets
-    of the fault tests, which kill and replace workers and the broker.
+    """A broker and ``qpipe worker`` processes against it: the one way integration tests start a
+    cluster. The session's (``cluster`` in conftest.py, on the session's broker), the fault
+    tests' fleets, which kill and replace workers and the broker, and each module's own (a broker
+    with a password, workers with ``--gpus`` or ``--metrics-port``). A context manager; or call
+    :meth:`stop`.
 
     Args:
         tmp: folder for the broker's data (when it starts its own) and the workers' logs.
         store: the store URI the workers write to.
         env: variables the worker processes inherit (set only while each one starts).
-        broker: a running broker to use (not stopped by :meth:`stop`); else a new one with an
+        broker: a running broker to join (not stopped by :meth:`stop`); else a new one with an
             append-only file, so that queued work survives ``broker.kill()`` + ``restart()``.
+        password: the new broker's password (``requirepass``; it is in ``broker.url``). Only
+            without ``broker``: a running broker has the password it was started with.
     """
 
     def __init__(self, tmp: Path, store: str, env: dict[str, str] | None = None, *,
-                 broker: RedisServer | None = None) -> None:
+                 broker: RedisServer | None = None, password: str | None = None) -> None:
+        if broker is not None and password is not None:
+            raise ValueError("Cluster: give a password only for a broker of its own (broker=None); "
+                             "a running broker keeps the password it was started with")
         self.tmp, self.store, self.env = tmp, store, dict(env or {})
         self._owns_broker = broker is None
-        self.broker = broker or RedisServer(data_dir=tmp / "broker", appendonly=True).start()
-        self.workers: list = []  # WorkerProcess, imported when needed (it is not needed to start servers)
+        self.broker = broker or RedisServer(data_dir=tmp / "broker", appendonly=True, password=password).start()
+        self.workers: list[WorkerProcess] = []
 
-    def worker(self, queue: str, *, logs: Path | None = None, **options: Any):
-        """Start a ``qpipe worker`` for ``queue`` (WorkerProcess ``options``); logs in ``logs`` or a
-        folder per worker."""
-        from workers.embedded import WorkerProcess
+    def __enter__(self) -> Cluster:
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def worker(self, queue: str, *, logs: Path | None = None, concurrency: int = 1, gpus: str | None = None,
+               metrics_port: int | None = None, extra_args: Sequence[str] = ()) -> WorkerProcess:
+        """Start a ``qpipe worker`` for ``queue`` (queues, comma-separated) and wait until it is ready.
+
+        Args:
+            logs: its log folder; a folder per worker under ``tmp`` if None.
+            concurrency: its pool processes (``--concurrency``).
+            gpus: the GPUs its pool processes are given, one each in turn (``--gpus``), e.g. ``"3,5"``.
+            metrics_port: where it serves Prometheus metrics (``--metrics-port``).
+            extra_args: further ``qpipe worker`` options, e.g. ``("--pool", "solo")``.
+        """
+        args = [*(("--gpus", gpus) if gpus is not None else ()),
+                *(("--metrics-port", str(metrics_port)) if metrics_port is not None else ()), *extra_args]
         with env_vars(self.env):  # the worker process inherits it
             w = WorkerProcess(queue, self.broker.url, self.store, logs or self.tmp / f"logs-{len(self.workers)}",
-                              **options)
-            self.workers.append(w)
+                              concurrency=concurrency, extra_args=tuple(args))
+            self.workers.append(w)  # before start: stop() stops one that failed to start, too
             return w.start()
 
     def client(self):
@@ -297,10 +318,14 @@ class Cluster:
         return {"broker": self.broker.url, "store": self.store, "workers": self.workers}
 
     def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
-        if self._owns_broker:
-            self.broker.stop()
+        """Stop the workers, then the broker if it is the cluster's own."""
+        gc.collect()  # AsyncResult.__del__ talks to the broker: let it run while the broker is up
+        try:
+            for w in self.workers:
+                w.stop()
+        finally:
+            if self._owns_broker:
+                self.broker.stop()
 
     def logs(self) -> str:
         """The tail of every worker's log."""
