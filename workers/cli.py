@@ -6,7 +6,7 @@
     qpipe watch RUN_ID [--broker URL] [--store URI]
     qpipe cancel RUN_ID [--broker URL]
     qpipe worker --queues cpu|gpu|cpu,gpu [--broker URL] [--store URI] [--concurrency N] [--gpus 0,1]
-                 [--require-cuda]
+                 [--require-cuda] [--cpus 0-3]
     qpipe flower [--broker URL] [--port 5555] [--address 127.0.0.1] [-- FLOWER ARGS]
     qpipe config
 
@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--require-cuda", action="store_true",
                    help="refuse to start (exit 2) when the CUDA probe finds no usable GPU, instead of training "
                         "on the CPU")
+    p.add_argument("--cpus", default=None,
+                   help="pin the worker and its pool processes to these CPU cores (taskset -c syntax: 0, 0-3, 0,2), "
+                        "with one torch thread per pinned core; default: every core, torch's default threads")
     p.add_argument("--pool", choices=["prefork", "solo", "threads"], default="prefork",
                    help="prefork (default): stages run in pool processes that the worker recycles; the "
                         "parent never touches CUDA, so a child initialises it after the fork")
@@ -264,8 +267,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if bad or not queues:
         raise SystemExit(f"qpipe worker: unknown queue(s) {bad}: use cpu, gpu or cpu,gpu")
     from pipeline.errors import ConfigError
-    from workers import gpu
+    from workers import cpus, gpu
 
+    pinned = None
+    if args.cpus is not None:  # before torch is imported here: OpenMP sizes itself at import
+        try:
+            pinned = cpus.parse_cpus(args.cpus)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        cpus.pin(pinned)
     if args.gpus is not None:
         if "gpu" not in queues:
             raise ConfigError(f"--gpus {args.gpus} only applies to a worker of the gpu queue: add --queues gpu, "
@@ -342,6 +352,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         concurrency = setup.concurrency
     if pool != "solo":
         argv += ["--concurrency", str(concurrency)]
+    if pinned is not None:
+        cpus.configure_pool(pinned, pool, concurrency)
     app.worker_main(argv)
     return EXIT_OK
 

@@ -127,14 +127,18 @@ class WorkerProcess(ServerProcess):
 
 
 class EmbeddedCluster:
-    """Context manager: ``with EmbeddedCluster() as c: Client(c.broker, c.store)...``"""
+    """Context manager: ``with EmbeddedCluster() as c: Client(c.broker, c.store)...``
+
+    ``pin_cpu_workers``: cpu-queue worker i runs on one core of its own (``qpipe worker --cpus``),
+    the i-th of the cores this process may use (round robin)."""
 
     def __init__(self, home: Path | None = None, store: str | None = None, cpu_concurrency: int = 1,
-                 cpu_workers: int = 1) -> None:
+                 cpu_workers: int = 1, pin_cpu_workers: bool = False) -> None:
         self.home = home or qpipe_home()
         self.store = store or (self.home / "store").as_uri()
         self.cpu_concurrency = cpu_concurrency
         self.cpu_workers = cpu_workers
+        self.pin_cpu_workers = pin_cpu_workers
         self.redis: EmbeddedValkey | None = None
         self.workers: list[WorkerProcess] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -155,8 +159,11 @@ class EmbeddedCluster:
         try:
             self.redis = EmbeddedValkey(base / "broker", password=secrets.token_urlsafe(32))
             self.redis.start(timeout=15.0)
+            cores = sorted(os.sched_getaffinity(0)) if self.pin_cpu_workers else []
             self.workers = [WorkerProcess("cpu", self.redis.url, self.store, base / "logs",
-                                          concurrency=self.cpu_concurrency) for _ in range(self.cpu_workers)]
+                                          concurrency=self.cpu_concurrency,
+                                          extra_args=("--cpus", str(cores[i % len(cores)])) if cores else ())
+                            for i in range(self.cpu_workers)]
             self.workers.append(WorkerProcess("gpu", self.redis.url, self.store, base / "logs"))
             for w in self.workers:
                 w.start()
