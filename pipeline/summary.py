@@ -131,6 +131,8 @@ def entry(bench: dict[str, Any]) -> dict[str, Any]:
         "format": bench["format"],
         "manifest": bench.get("manifest_uri"),
         **{k: bench[k] for k in ("sensitivity", "fallback", "runtimes", "skipped_runtimes") if bench.get(k)},
+        # another engine's model: which, what it was asked to do, and the runtime of its reference figures
+        **{k: bench[k] for k in ("engine", "engine_settings", "quantizers", "reference_runtime") if bench.get(k)},
     }
 
 
@@ -145,17 +147,19 @@ def choose_runtimes(row: dict[str, Any], baseline_accuracy: float | None, budget
     ``budget`` of the fp32 baseline, in place: ``runtime`` becomes {batch: runtime}, the
     latency fields hold that runtime's figures and ``accuracy_top1_served`` its top-1
     (``runtimes`` keeps every runtime's). A row with no form within the budget, measured in
-    TorchScript only, or without a baseline, keeps TorchScript. The fp32 baseline is served the
+    TorchScript only, or without a baseline, keeps TorchScript, or its ``reference_runtime``
+    where it has no TorchScript form (another engine's model). The fp32 baseline is served the
     same way, against its own PyTorch top-1."""
     forms = row.get("runtimes") or {}
     usable = {rt: m for rt, m in forms.items()
               if baseline_accuracy is not None and baseline_accuracy - m["accuracy_top1"] <= budget + TOLERANCE}
+    reference = row.get("reference_runtime", "torchscript")  # the form of the row's own figures
     row["runtime"], row["accuracy_top1_served"] = {}, {}
     for batch in list(row.get("latency_ms_p50", {})):
-        best = min(usable, key=lambda rt: usable[rt]["latency_ms_p50"][batch], default="torchscript")
+        best = min(usable, key=lambda rt: usable[rt]["latency_ms_p50"][batch], default=reference)
         row["runtime"][batch] = best
         row["accuracy_top1_served"][batch] = usable[best]["accuracy_top1"] if best in usable else row["accuracy_top1"]
-        if best != "torchscript":
+        if best != reference:
             for f in LATENCY_FIELDS:
                 row[f] = {**row[f], batch: usable[best][f][batch]}
 
@@ -267,7 +271,7 @@ def build(cfg: ReportConfig, data: dict[str, Any] | None, benches: dict[str, dic
             variants.append(row)
         else:
             variants.append(_placed({"name": v["name"], "method": v["method"], "accuracy_top1": None,
-                                     "status": "FAILED"}, v))
+                                     "status": "FAILED", **({"engine": v["engine"]} if "engine" in v else {})}, v))
             if not any(f.get("variant") == v["name"] for f in failures):
                 failures.append({"stage": "benchmark", "variant": v["name"], "error": "no benchmark result"})
     selected, reason = select(variants, budget, str(cfg.batch_sizes[0]))

@@ -13,17 +13,25 @@ exported here as a float ONNX model (``export_onnx_fp32``), so that speedups are
 fastest fp32 form rather than its TorchScript file. ``runtimes`` in the manifest holds every
 form's top-1, latency and size (TorchScript's too; OpenVINO's with the precision its plugin ran
 the float parts in). A runtime whose package is missing, or a model without an export, is listed
-in ``skipped_runtimes`` with the reason."""
+in ``skipped_runtimes`` with the reason.
+
+A variant quantized by another engine (``cfg.engine``: nncf, onnxruntime) has no TorchScript
+form: its model (OpenVINO IR, ONNX QDQ) is measured the same way on each runtime of
+``cfg.runtimes``, read as the engine wrote it (``engine_benchmark``); the first runtime measured
+is its reference form, whose figures fill ``metrics``."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from pipeline.bench import measure_latency, threads
+from pipeline.engines import LOAD_WITH
 from pipeline.errors import StageError
 from pipeline.quant import load_torchscript, set_engine
-from pipeline.runtimes import export_onnx_fp32, load_runner, missing
+from pipeline.runtimes import OvRunner, export_onnx_fp32, load_runner, missing
 from pipeline.stages import StageContext
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
 from pipeline.stages.configs import BenchmarkConfig
@@ -88,22 +96,97 @@ def other_runtimes(ctx: StageContext, cfg: BenchmarkConfig, producer: dict, data
         log.info("%s: %s skipped: %s", cfg.variant, rt, why)
     out = {}
     for rt in wanted:
-        ctx.progress(0.8, f"{rt}: accuracy")
-        ctx.check_cancelled(every=0.0)
-        runner = load_runner(rt, path, threads=cfg.threads, batch_size=None)
-        acc = evaluate(runner, xv, yv, batch_size=64, **n)["accuracy"]
-        ctx.images(len(yv), "eval")
-        latency = time_each_batch(ctx, cfg, lambda bs, rt=rt: load_runner(rt, path, threads=cfg.threads,
-                                                                         batch_size=bs),
-                                  xv, n, label=f"{rt}: ", progress=(0.85, 0.1))
-        precision = getattr(runner, "precision", None)  # OpenVINO's for the float parts (bf16 on CPUs with AMX)
-        out[rt] = {"accuracy_top1": acc, **_rounded(latency), "size_bytes": artifact.size, "artifact": artifact.uri,
-                   **({"inference_precision": precision} if precision else {})}
+        out[rt] = {**measure_form(ctx, cfg, rt, lambda bs, rt=rt: load_runner(rt, path, threads=cfg.threads,
+                                                                                batch_size=bs), xv, yv, n),
+                   "size_bytes": artifact.size, "artifact": artifact.uri}
     return out, {rt: skipped[rt] for rt in cfg.runtimes if rt in skipped}, {"onnx": artifact.to_dict()} if out else {}
+
+
+def measure_form(ctx: StageContext, cfg: BenchmarkConfig, runtime: str, load: Callable[[int | None], Any], xv, yv,
+                 n: dict) -> dict:
+    """Top-1 on the validation split and latency at each batch size of one model form on
+    ``runtime``; ``load(batch_size)`` gives a freshly loaded runner (None: for any batch size),
+    timed like the TorchScript form (``time_each_batch``)."""
+    ctx.progress(0.8, f"{runtime}: accuracy")
+    ctx.check_cancelled(every=0.0)
+    runner = load(None)
+    acc = evaluate(runner, xv, yv, batch_size=64, **n)["accuracy"]
+    ctx.images(len(yv), "eval")
+    latency = time_each_batch(ctx, cfg, load, xv, n, label=f"{runtime}: ", progress=(0.85, 0.1))
+    precision = getattr(runner, "precision", None)  # OpenVINO's for the float parts (bf16 on CPUs with AMX)
+    return {"accuracy_top1": acc, **_rounded(latency), **({"inference_precision": precision} if precision else {})}
+
+
+def engine_runner(runtime: str, path: Path, n_threads: int, batch_size: int | None) -> Callable:
+    """A runner of another engine's model file as the engine wrote it: OpenVINO reads it with
+    ``Core.read_model`` (the quantizer placement ``pipeline.runtimes.openvino_model`` gives
+    qpipe's own QDQ exports is not applied to it), ONNX Runtime loads it like any .onnx."""
+    if runtime == "openvino":
+        import openvino as ov
+
+        return OvRunner(ov.Core().read_model(str(path)), n_threads, batch_size)
+    return load_runner(runtime, path, threads=n_threads, batch_size=batch_size)
+
+
+def engine_benchmark(ctx: StageContext, cfg: BenchmarkConfig, data: dict, producer: dict) -> dict:
+    """The benchmark of another engine's model (see the module docstring): each runtime of
+    ``cfg.runtimes`` it can be loaded on measured alike; the model file (and an IR's weights)
+    stored next to the manifest. Raises StageError when none of those runtimes is installed."""
+    skipped = {rt: why for rt in cfg.runtimes if (why := missing(rt))}
+    wanted = [rt for rt in cfg.runtimes if rt not in skipped]
+    if not wanted:
+        raise StageError(f"{cfg.engine}'s model of {cfg.variant} runs on {', '.join(cfg.runtimes) or 'no runtime'}, "
+                         f"and none of them can be loaded here: {'; '.join(skipped.values()) or 'none listed'}")
+    refs = producer["outputs"]
+    roles = [r for r in ("model", "weights") if r in refs]  # an IR's .bin is read from next to its .xml
+    names = {r: PurePosixPath(refs[r]["uri"]).name for r in roles}
+    path = {r: ctx.fetch(refs[r], names[r]) for r in roles}["model"]
+    artifacts = {r: ctx.store.copy(ArtifactRef.from_dict(refs[r]), f"{ctx.prefix}/{names[r]}") for r in roles}
+    size = sum(a.size for a in artifacts.values())
+    xv, yv = load_split(ctx, data, "val")
+    n = norm(data)
+    forms = {}
+    with threads(cfg.threads):
+        for rt in wanted:
+            forms[rt] = {**measure_form(ctx, cfg, rt, lambda bs, rt=rt: engine_runner(rt, path, cfg.threads, bs),
+                                        xv, yv, n), "size_bytes": size, "artifact": artifacts["model"].uri}
+    for rt, why in skipped.items():
+        log.info("%s: %s skipped: %s", cfg.variant, rt, why)
+    reference = forms[wanted[0]]
+    return {
+        "name": cfg.variant,
+        "method": cfg.method,
+        "engine": cfg.engine,
+        "classes": data["classes"],
+        "preprocess": data["preprocess"],
+        "format": producer["format"],
+        "load_with": LOAD_WITH[producer["format"]],
+        "metrics": {
+            "accuracy_top1": reference["accuracy_top1"],
+            **{f: reference[f] for f in ("latency_ms_p50", "latency_ms_p95", "throughput_ips")},
+            "size_bytes": size,
+            "threads": cfg.threads,
+            "val_images": len(yv),
+        },
+        "reference_runtime": wanted[0],
+        "runtimes": forms,
+        **({"skipped_runtimes": skipped} if skipped else {}),
+        "engine_settings": producer.get("engine_settings"),
+        "quantizers": producer.get("quantizers"),
+        "int8_layers": producer.get("int8_layers"),
+        "fp32_layers": producer.get("fp32_layers"),
+        "layers": [],
+        "history": [],
+        "produced_by": {"stage": producer["stage"], "key": producer["key"], "model_sha256": refs["model"]["sha256"]},
+        "spec_sha256": ctx.extra.get("spec_sha256"),
+        "outputs": {role: a.to_dict() for role, a in artifacts.items()},
+    }
 
 
 def benchmark(ctx: StageContext, cfg: BenchmarkConfig, inputs: dict) -> dict:
     data, producer = inputs["data"], inputs["model"]
+    if cfg.engine != "qpipe":  # another engine's model: no TorchScript form
+        return engine_benchmark(ctx, cfg, data, producer)
     set_engine(cfg.backend)
     model_ref = producer["outputs"]["model"]
     path = ctx.fetch(model_ref, "model.ts")
