@@ -41,7 +41,7 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
     history = train_epochs(model, ctx, x, y, xv, yv, epochs=cfg.epochs, batch_size=cfg.batch_size,
                            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            device=device, seed=cfg.seed, frozen_bn=cfg.freeze_backbone, precision=precision,
-                           channels_last=True, **norm(data))
+                           channels_last=True, recompute_slow_bn=True, **norm(data))
     model.cpu().eval()
     if device.type == "cuda":  # trained channels_last: exported and saved in the usual layout
         model.to(memory_format=torch.contiguous_format)
