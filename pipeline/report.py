@@ -423,6 +423,10 @@ def document(summary: dict[str, Any], layers: dict[str, list[dict]]) -> list[Sec
     by relative path) and any that could not be drawn, the failures, the fallback, runtime and
     sensitivity tables, the per-layer int8/fp32 table, skipped files and artifact locations."""
     out = [_overview(summary)]
+    if summary.get("warnings"):  # before anything that reads as an answer (pipeline.trust)
+        out.append(Section("Warnings: this answer may not be trusted", [Items(css="failures", items=[
+            [Span(str(w["kind"]), "code"), Span(": "), Span(str(w["message"]), "error")]
+            for w in summary["warnings"]])]))
     for kind in FILES:
         if kind in (summary.get("plots") or {}):
             out.append(Section(TITLES[kind], [Figure(src=FILES[kind], alt=TITLES[kind],

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pipeline.trust import warnings as trust_warnings
+
 if TYPE_CHECKING:
     from pipeline.stages.configs import ReportConfig
 
@@ -281,7 +283,7 @@ def build(cfg: ReportConfig, data: dict[str, Any] | None, benches: dict[str, dic
         status = "FAILED"
     else:
         status = "SUCCESS"
-    return {
+    summary = {
         "run_id": run_id,
         "name": cfg.name,
         "status": status,
@@ -304,3 +306,5 @@ def build(cfg: ReportConfig, data: dict[str, Any] | None, benches: dict[str, dic
         "failures": failures,
         "history": {name: b.get("history", []) for name, b in benches.items() if b.get("history")},
     }
+    summary["warnings"] = trust_warnings(summary)  # what makes this answer untrustworthy (pipeline.trust)
+    return summary

@@ -127,6 +127,8 @@ def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
 
     print("", file=out)
     print(f"run {summary.get('run_id')}: {summary.get('status')}", file=out)
+    for w in summary.get("warnings") or []:  # first: they change what every figure below means
+        print(f"warning: {w['message']}", file=out)
     if summary.get("cached_stages"):
         print(f"{summary['cached_stages']} stage(s) reused from the store's cache (same inputs, same config)",
               file=out)
