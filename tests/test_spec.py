@@ -486,3 +486,90 @@ def test_missing_bare_relative_source_still_resolves_against_spec_folder(
     monkeypatch.chdir(cwd)
     spec = load_spec(path)
     assert spec.data.source == str(spec_dir / "images")
+
+
+# ------------------------------------------------------------------------- other engines
+
+def engine_variant(**options: object) -> Callable[[dict], object]:
+    """Replace variant 0 (ptq) by a static variant with ``options``."""
+    return lambda s: s["quantize"]["variants"].__setitem__(0, {"name": "e", "method": "static", **options})
+
+
+ENGINE_REFUSED = [
+    ("unknown-engine", engine_variant(engine="tensorrt"),
+     ["quantize.variants.0.engine", "'qpipe', 'nncf', 'onnxruntime'", "tensorrt"]),
+    ("nncf-unknown-preset", engine_variant(engine="nncf", preset="fast"),
+     ["quantize.variants.0.preset", "'performance' or 'mixed'"]),
+    ("nncf-bias-correction-not-a-bool", engine_variant(engine="nncf", fast_bias_correction="maybe"),
+     ["quantize.variants.0.fast_bias_correction"]),
+    ("nncf-per-tensor", engine_variant(engine="nncf", per_channel=False),
+     ["quantize.variants.0", "engine: nncf", "per_channel"]),
+    ("ort-unknown-calibration", engine_variant(engine="onnxruntime", calibrate_method="kl"),
+     ["quantize.variants.0.calibrate_method", "'minmax', 'entropy' or 'percentile'"]),
+    ("ort-preprocess-not-a-bool", engine_variant(engine="onnxruntime", preprocess="maybe"),
+     ["quantize.variants.0.preprocess"]),
+    ("observer-on-nncf", engine_variant(engine="nncf", observer="minmax"),
+     ["quantize.variants.0", "observer", "engine: nncf", "calibrates the model itself"]),
+    ("fallback-on-ort", engine_variant(engine="onnxruntime", fallback="auto"),
+     ["quantize.variants.0", "fallback", "engine: onnxruntime"]),
+    ("ort-option-on-nncf", engine_variant(engine="nncf", calibrate_method="entropy"),
+     ["quantize.variants.0", "calibrate_method is an option of engine: onnxruntime", "uses engine: nncf"]),
+    ("nncf-option-on-qpipe", engine_variant(preset="mixed"),
+     ["quantize.variants.0", "preset is an option of engine: nncf", "set engine: nncf"]),
+    ("nncf-option-on-dynamic", variant(1, fast_bias_correction=False, preset="mixed"),
+     ["quantize.variants.1", "preset is an option of engine: nncf", "dynamic"]),
+    ("engine-on-qat", variant(2, engine="nncf"), ["quantize.variants.2", "engine only applies to method: static"]),
+    ("nncf-without-openvino", lambda s: (engine_variant(engine="nncf")(s),
+                                         s["benchmark"].update(runtimes=["torchscript", "onnxruntime"])),
+     ["quantize.variants.0.engine", "openvino", "add openvino to benchmark.runtimes"]),
+    ("ort-without-its-runtimes", lambda s: (engine_variant(engine="onnxruntime")(s),
+                                            s["benchmark"].update(runtimes=["torchscript"])),
+     ["quantize.variants.0.engine", "onnxruntime or openvino", "benchmark.runtimes"]),
+    ("sweep-nncf-without-openvino", lambda s: (s.pop("quantize"), s.update(sweep={"variant_sets": {"peers": [
+        {"name": "n", "method": "static", "engine": "nncf"}]}}), s["benchmark"].update(runtimes=["torchscript"])),
+     ["sweep.variant_sets.peers.0.engine", "openvino"]),
+]
+
+
+@pytest.mark.parametrize(("edit", "expected"), [pytest.param(e, x, id=i) for i, e, x in ENGINE_REFUSED])
+def test_engine_options_are_refused_by_name(edit: Callable[[dict], object], expected: list[str]) -> None:
+    test_refused_spec_names_the_field(edit, expected)
+
+
+def test_engine_variants_and_their_defaults() -> None:
+    """Each engine is its own variant type with its own options and defaults; none has a
+    calibration of qpipe's, and each is measured on the runtimes its model runs on."""
+    from pipeline.spec import NncfVariant, OnnxRuntimeVariant
+
+    spec = parse_spec(edited(lambda s: s["quantize"]["variants"].extend([
+        {"name": "n", "method": "static", "engine": "nncf"},
+        {"name": "o", "method": "static", "engine": "onnxruntime"},
+        {"name": "o2", "method": "static", "engine": "onnxruntime", "per_channel": False, "preprocess": False,
+         "calibrate_method": "percentile"}])))
+    ptq, _, _, n, o, o2 = spec.quantize.variants
+    assert (type(n), type(o), type(o2)) == (NncfVariant, OnnxRuntimeVariant, OnnxRuntimeVariant)
+    assert n.engine_options() == {"engine": "nncf", "preset": "performance", "fast_bias_correction": True}
+    assert o.engine_options() == {"engine": "onnxruntime", "calibrate_method": "minmax", "preprocess": True}
+    assert (o2.per_channel, o2.preprocess, o2.calibrate_method) == (False, False, "percentile")
+    assert not (n.CALIBRATED or o.CALIBRATED or n.EXPORTS_ONNX) and (n.observer, n.calibrate_method) == (None, None)
+    assert ptq.engine == "qpipe" and ptq.engine_options() == {} and ptq.preset is None
+    onnx = ["onnxruntime", "openvino"]
+    assert (n.measured_on(onnx), o.measured_on(onnx), ptq.measured_on(onnx)) == (["openvino"], onnx, onnx)
+    assert n.measured_on(["onnxruntime"]) == []
+
+
+def test_engine_qpipe_keeps_the_spec_digest() -> None:
+    """qpipe's own engine, default or spelled out, dumps (and so digests) as before engines existed;
+    another engine's variant dumps its engine and options."""
+    spec = load_spec(EXAMPLE)
+    data = yaml.safe_load(EXAMPLE.read_text())
+    for v in data["quantize"]["variants"]:
+        if v["method"] == "static":
+            v["engine"] = "qpipe"
+    spelled = parse_spec(data)
+    assert spec_digest(spelled) == spec_digest(spec) == \
+        "ef16035de8b68eced9d71dd02649a788368584ced53bd7f46fc9aa435180fd8b"
+    assert "engine" not in spelled.model_dump()["quantize"]["variants"][0]
+    data["quantize"]["variants"].append({"name": "n", "method": "static", "engine": "nncf", "preset": "mixed"})
+    dumped = parse_spec(data).model_dump()["quantize"]["variants"][-1]
+    assert (dumped["engine"], dumped["preset"], dumped["fast_bias_correction"]) == ("nncf", "mixed", True)
