@@ -58,16 +58,15 @@ def warnings(summary: dict[str, Any]) -> list[dict[str, str]]:
             "it; give more validation images (data.val_fraction or data.val_source) or a larger "
             "benchmark.accuracy_budget")})
     for name, epochs in (summary.get("history") or {}).items():
-        losses = [e.get("train_loss") for e in epochs]
-        if not losses:
-            continue
-        bad = next((e["epoch"] for e in epochs if not _finite(e.get("train_loss"))), None)
+        losses = [(e.get("epoch", i + 1), e["train_loss"]) for i, e in enumerate(epochs) if "train_loss" in e]
+        bad = next(((epoch, loss) for epoch, loss in losses if not _finite(loss)), None)
         if bad is not None:
             out.append({"kind": "diverged", "model": name, "message": (
-                f"{name}'s training loss became {epochs[bad - 1].get('train_loss')} at epoch {bad}: training "
-                "diverged; lower the learning rate")})
-        elif len(losses) > 1 and losses[-1] > losses[0]:
+                f"{name}'s training loss became {bad[1]} at epoch {bad[0]}: training diverged; lower the "
+                "learning rate")})
+        elif len(losses) > 1 and losses[-1][1] > losses[0][1]:
+            (first_epoch, first), (last_epoch, last) = losses[0], losses[-1]
             out.append({"kind": "diverged", "model": name, "message": (
-                f"{name}'s training loss ended above where it began ({losses[0]:.4f} at epoch 1, {losses[-1]:.4f} "
-                f"at epoch {len(losses)}): training diverged; lower the learning rate")})
+                f"{name}'s training loss ended above where it began ({first:.4f} at epoch {first_epoch}, "
+                f"{last:.4f} at epoch {last_epoch}): training diverged; lower the learning rate")})
     return out
