@@ -10,7 +10,8 @@ problem found, each ``{"kind", "model", "message"}`` with what was seen and what
   20 images: 0.835;
 - ``resolution``: a validation split so small that one image is worth more top-1 than the
   accuracy budget: the budget cannot tell a variant within it from one outside it;
-- ``diverged``: a training loss that became NaN or infinite, or ended above where it began.
+- ``diverged``: a training loss that became NaN or infinite, or ended well above where it began
+  (by half again and ``DIVERGED_NATS``).
 
 The summary, the report and the CLI carry them (``summary["warnings"]``).
 """
@@ -19,6 +20,11 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+
+# a loss that ends this many nats (and half again) above its first epoch's diverged; smaller rises
+# are the noise of a short QAT or a fine-tune from a trained model
+DIVERGED_NATS = 0.5
 
 
 def chance_floor(classes: int, val_images: int) -> float:
@@ -64,7 +70,7 @@ def warnings(summary: dict[str, Any]) -> list[dict[str, str]]:
             out.append({"kind": "diverged", "model": name, "message": (
                 f"{name}'s training loss became {bad[1]} at epoch {bad[0]}: training diverged; lower the "
                 "learning rate")})
-        elif len(losses) > 1 and losses[-1][1] > losses[0][1]:
+        elif len(losses) > 1 and losses[-1][1] > max(1.5 * losses[0][1], losses[0][1] + DIVERGED_NATS):
             (first_epoch, first), (last_epoch, last) = losses[0], losses[-1]
             out.append({"kind": "diverged", "model": name, "message": (
                 f"{name}'s training loss ended above where it began ({first:.4f} at epoch {first_epoch}, "
