@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
 # a loss that ends this many nats (and half again) above its first epoch's diverged; smaller rises
 # are the noise of a short QAT or a fine-tune from a trained model
 DIVERGED_NATS = 0.5
