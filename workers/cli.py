@@ -269,7 +269,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if bad or not queues:
         raise SystemExit(f"qpipe worker: unknown queue(s) {bad}: use cpu, gpu or cpu,gpu")
     from pipeline.errors import ConfigError
-    from workers import cpus, gpu
+    from workers import cpu_quota, cpus, gpu
 
     pinned = None
     if args.cpus is not None:  # before torch is imported here: OpenMP sizes itself at import
@@ -278,6 +278,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         cpus.pin(pinned)
+    else:  # in a container: as many torch/OpenMP threads as its CPU quota pays for, unless the user chose
+        cpu_quota.apply()
     if args.gpus is not None:
         if "gpu" not in queues:
             raise ConfigError(f"--gpus {args.gpus} only applies to a worker of the gpu queue: add --queues gpu, "
