@@ -496,11 +496,23 @@ def prepare_qat(model: nn.Module, example: tuple[torch.Tensor, ...], *, backend:
     return _prepare(prepare_qat_fx, copy.deepcopy(model).train(), mapping, example, arch)
 
 
+def freeze_qat(prepared: nn.Module) -> nn.Module:
+    """``prepared`` (a QAT model, in place) with its observers stopped: its fake-quantizers keep
+    the scales training left. Converting calls each weight's fake-quantizer once more, and a
+    moving-average observer still running would move the weight scales by that one call, and the
+    converted model and its ONNX export (which reads the scales as they are) would differ."""
+    from torch.ao.quantization import disable_observer
+
+    return prepared.apply(disable_observer)
+
+
 def convert_qat(prepared: nn.Module) -> nn.Module:
+    """The int8 model of a quantization-aware trained model (converted in place), with the
+    scales training left (``freeze_qat``)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     with quiet():
-        return convert_fx(prepared.cpu().eval())
+        return convert_fx(freeze_qat(prepared.cpu().eval()))
 
 
 def layer_table(model: nn.Module) -> list[dict[str, str]]:

@@ -12,8 +12,10 @@ The export
     keep_fp32)``, turns the observed graph into a float graph of ``quantized_decomposed``
     quantize/dequantize ops, the graph ``convert_fx`` would make int8.
     ``torch.onnx.export(dynamo=True)`` maps those ops to QuantizeLinear/DequantizeLinear
-    (onnxscript's torchlib). Two passes over the ONNX graph follow, and four details make the
-    file the FX model rather than an approximation of it:
+    (onnxscript's torchlib). Passes over the ONNX graph follow: the weights are folded to int8,
+    the quantizers are placed where the runtimes' int8 kernels fuse them (``place_quantizers``,
+    below) and layers kept fp32 are shielded. Four details make the file the FX model rather
+    than an approximation of it:
 
     * the int8 weights are written as tensors (``_fold_weight_quantization``), computed by
       ``torch.quantize_per_channel`` / ``torch.quantize_per_tensor`` as ``convert_fx`` computes
@@ -33,6 +35,16 @@ The export
       per-tensor DequantizeLinear (its WeightBiasQuantization transformer; per-tensor int8).
       That would quantize every layer kept fp32, so ``_shield_float_layers`` gives each one an
       input requantized per channel with the same values.
+
+    The graph FX gives has quantizers the runtimes do not fuse: ReLU6 shares its input's
+    observer, so every conv + ReLU6 is written Q -> DQ -> Clip -> Q -> DQ with one scale, and
+    an eval-mode Dropout or a Reshape leaves a requantization with the scale it had.
+    ``place_quantizers`` rewrites these exactly (the integers each layer reads stay those of
+    the FX model): the clamp runs on the integers between one Q and one DQ, with the zero point
+    moved to the clamp's lower bound, and value-preserving ops run on the integers. OpenVINO's
+    runner also folds each layer's activation (HardSwish, Sigmoid, SiLU, ...) into the layer
+    (``openvino_model``), as NNCF places its quantizers for it; that drops one rounding and is
+    not in the file, since ONNX Runtime would then run those layers in float.
 
     The input is named ``input``, with a dynamic batch dimension; the output is ``logits``; the
     opset is ``OPSET``. ``biases`` replaces layers' biases before the export: bias correction
@@ -88,7 +100,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, StageError
-from pipeline.quant import load_torchscript, quantizable_layers, quiet, static_mapping
+from pipeline.quant import freeze_qat, load_torchscript, quantizable_layers, quiet, static_mapping
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +270,334 @@ def _shield_float_layers(model: Any) -> int:
     return shielded // 2
 
 
+# ------------------------------------------------------------------------ quantizer placement
+
+# ops that move values without computing new ones: on the int8 tensor they give the int8 tensor
+# of their float result, so a QuantizeLinear after them with the input's scale adds nothing
+_VALUE_PRESERVING = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "Identity",
+                               "Concat"})
+# layers whose int32 accumulator the runtimes' int8 kernels pass through an activation before
+# requantizing it (oneDNN post-ops in OpenVINO), and the activations they fuse that way
+_ACCUMULATING = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu"})
+
+
+class _QdqGraph:
+    """An ONNX graph with what the placement rewrites read: each tensor's producer and readers,
+    the constant initializers, and the quantization parameters of a QuantizeLinear or
+    DequantizeLinear node. Rewrites change node inputs in place, add nodes and constants at
+    the end, and ``prune`` drops what no graph output needs and puts the nodes back in
+    topological order."""
+
+    def __init__(self, model: Any) -> None:
+        from onnx import numpy_helper
+
+        self.graph = model.graph
+        self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.outputs = {o.name for o in self.graph.output}
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.readers: dict[str, list[Any]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+
+    def read_only_by(self, name: str) -> list[Any]:
+        """The nodes reading tensor ``name``; empty when it is a graph output (which must stay)."""
+        return [] if name in self.outputs else self.readers.get(name, [])
+
+    def qparams(self, node: Any) -> tuple | None:
+        """(scale, zero point, axis) of a QuantizeLinear/DequantizeLinear as a comparable key,
+        or None when they are not constants."""
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            return None
+        scale, zero_point = (self.constants.get(name) for name in node.input[1:3])
+        if scale is None or zero_point is None:
+            return None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.ndim else None
+        return scale.dtype.str, scale.tobytes(), zero_point.dtype.str, zero_point.tobytes(), axis
+
+    def per_tensor(self, node: Any) -> tuple[float, int, Any] | None:
+        """(scale, zero point, integer dtype) of a per-tensor Q/DQ node with constant parameters."""
+        if self.qparams(node) is None or self.constants[node.input[1]].ndim:
+            return None
+        zero_point = self.constants[node.input[2]]
+        return float(self.constants[node.input[1]]), int(zero_point), zero_point.dtype
+
+    def fresh(self, name: str) -> str:
+        """``name``, or ``name`` with underscores added, so that no tensor of the graph has it."""
+        while name in self.constants or name in self.producer or name in self.readers:
+            name += "_"
+        return name
+
+    def constant(self, name: str, value: Any) -> str:
+        """Add ``value`` as an initializer named after ``name``; returns its name."""
+        from onnx import numpy_helper
+
+        name = self.fresh(name)
+        self.constants[name] = value
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def replace_uses(self, old: str, new: str) -> None:
+        for node in self.graph.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+
+    def prune(self) -> None:
+        """Drop the nodes and initializers no graph output depends on; nodes in topological
+        order, otherwise in the order they had (Kahn's algorithm, lowest index first)."""
+        import heapq
+
+        producer = {o: n for n in self.graph.node for o in n.output}
+        live: set[int] = set()
+        stack = [producer[o] for o in self.outputs if o in producer]
+        while stack:
+            node = stack.pop()
+            if id(node) not in live:
+                live.add(id(node))
+                stack.extend(producer[i] for i in node.input if i in producer)
+        kept = [n for n in self.graph.node if id(n) in live]
+        index = {o: k for k, n in enumerate(kept) for o in n.output}
+        waiting = {k: {index[i] for i in n.input if i in index} for k, n in enumerate(kept)}
+        unblocks: dict[int, list[int]] = {}
+        for k, deps in waiting.items():
+            for d in deps:
+                unblocks.setdefault(d, []).append(k)
+        ready = [k for k, deps in waiting.items() if not deps]
+        heapq.heapify(ready)
+        ordered = []
+        while ready:
+            k = heapq.heappop(ready)
+            ordered.append(kept[k])
+            for j in unblocks.get(k, []):
+                waiting[j].discard(k)
+                if not waiting[j]:
+                    heapq.heappush(ready, j)
+        used = {i for n in ordered for i in n.input}
+        initializers = [t for t in self.graph.initializer if t.name in used or t.name in self.outputs]
+        nodes = [copy.deepcopy(n) for n in ordered]
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(initializers)
+        self.constants = {k: v for k, v in self.constants.items() if k in used}
+        self.refresh()
+
+
+def _merge_duplicate_quantizers(g: _QdqGraph) -> int:
+    """One QuantizeLinear (and one DequantizeLinear) per tensor and parameters: later copies are
+    replaced by the first, so every reader of a tensor shares one quantizer."""
+    first: dict[tuple, Any] = {}
+    merged = 0
+    for node in g.graph.node:  # topological: a merged Q makes its DQs duplicates by the time they come
+        key = g.qparams(node)
+        if key is None or node.output[0] in g.outputs:
+            continue
+        key = (node.op_type, node.input[0], key)
+        if key in first:
+            g.replace_uses(node.output[0], first[key].output[0])
+            merged += 1
+        else:
+            first[key] = node
+    g.prune()
+    return merged
+
+
+def _drop_requantization(g: _QdqGraph) -> int:
+    """QuantizeLinear(DequantizeLinear(q)) with the same parameters is q: its readers read q."""
+    dropped = 0
+    for node in g.graph.node:
+        before = g.producer.get(node.input[0])
+        if (node.op_type == "QuantizeLinear" and before is not None and before.op_type == "DequantizeLinear"
+                and g.qparams(node) is not None and g.qparams(node) == g.qparams(before)
+                and node.output[0] not in g.outputs):
+            g.replace_uses(node.output[0], before.input[0])
+            dropped += 1
+    g.prune()
+    return dropped
+
+
+def _quantized_passthrough(g: _QdqGraph) -> int:
+    """DequantizeLinear -> value-preserving op -> QuantizeLinear -> DequantizeLinear, all with
+    one per-tensor scale and zero point (a Concat's inputs all with it), becomes the op on the
+    int8 tensor followed by one DequantizeLinear: exact, and the form ONNX Runtime's int8
+    MaxPool/Reshape/Concat and OpenVINO's precision propagation run without a requantization."""
+    moved = 0
+    for node in list(g.graph.node):
+        if node.op_type not in _VALUE_PRESERVING or len([o for o in node.output if o]) != 1:
+            continue
+        data = range(len(node.input)) if node.op_type == "Concat" else [0]
+        before = [g.producer.get(node.input[i]) for i in data]
+        if any(b is None or g.per_tensor(b) is None for b in before) or before[0].op_type != "DequantizeLinear":
+            continue
+        key = g.qparams(before[0])
+        if any(b.op_type != "DequantizeLinear" or g.qparams(b) != key for b in before):
+            continue
+        requantized = g.read_only_by(node.output[0])
+        after = [r for q in requantized for r in g.read_only_by(q.output[0])]
+        if (not requantized or any(q.op_type != "QuantizeLinear" or g.qparams(q) != key for q in requantized)
+                or any(q.output[0] in g.outputs for q in requantized)
+                or any(r.op_type != "DequantizeLinear" or g.qparams(r) != key for r in after)):
+            continue
+        for i, b in zip(data, before, strict=True):
+            node.input[i] = b.input[0]
+        node.output[0] = g.fresh(f"{node.output[0]}_quantized")
+        for r in after:
+            r.input[0] = node.output[0]
+        g.refresh()
+        moved += 1
+    g.prune()
+    return moved
+
+
+def _clamp_in_int8(g: _QdqGraph) -> int:
+    """A Relu or Clip between two quantizations with the same scale and zero point, the form
+    FX gives ReLU6 (its output shares its input's observer):
+    ``Q(s, z) -> DQ -> Clip(lo, hi) -> Q(s, z) -> DQ`` becomes ``Q(s, z') -> [Clip(a, b)] -> DQ(s, z')``
+    on the integers. Exact: a QuantizeLinear is monotonic, so clamping before it equals
+    clamping its integers to [Q(lo), Q(hi)]. The zero point then moves down by what the clamp
+    cuts off below (z' = 0 for ReLU/ReLU6 on uint8: the int8 kernels that read the tensor need no
+    zero-point compensation), with the integer bounds moved with it; the Clip is dropped when
+    the bounds are the type's whole range. One QuantizeLinear instead of two, no float op
+    between a layer and its consumer: ONNX Runtime runs it as QLinearConv and a uint8 Clip,
+    OpenVINO as one convolution with the clamp as a post-op."""
+    import numpy as np
+
+    folded = 0
+    for first in list(g.graph.node):
+        params = g.per_tensor(first) if first.op_type == "QuantizeLinear" else None
+        dq = g.read_only_by(first.output[0])
+        if (params is None or len(dq) != 1 or dq[0].op_type != "DequantizeLinear"
+                or g.qparams(dq[0]) != g.qparams(first)):
+            continue
+        dq = dq[0]
+        act = g.read_only_by(dq.output[0])
+        if len(act) != 1 or act[0].op_type not in ("Relu", "Clip") or act[0].input[0] != dq.output[0]:
+            continue
+        act = act[0]
+        bounds = [act.input[k] if len(act.input) > k else "" for k in (1, 2)] if act.op_type == "Clip" else ["", ""]
+        if any(b and b not in g.constants for b in bounds):
+            continue
+        second = g.read_only_by(act.output[0])
+        after = [r for q in second for r in g.read_only_by(q.output[0])]
+        if (not second or any(q.op_type != "QuantizeLinear" or g.qparams(q) != g.qparams(first) for q in second)
+                or any(q.output[0] in g.outputs for q in second)
+                or any(r.op_type != "DequantizeLinear" or g.qparams(r) != g.qparams(first) or r.output[0] in g.outputs
+                       for r in after)):
+            continue
+        _, zero_point, dtype = params
+        qmin, qmax = (int(v) for v in (np.iinfo(dtype).min, np.iinfo(dtype).max))
+        low = _quantize_bound(g.constants[bounds[0]] if bounds[0] else (0.0 if act.op_type == "Relu" else None),
+                              params, qmin)
+        high = _quantize_bound(g.constants[bounds[1]] if bounds[1] else None, params, qmax)
+        shift = min(low, zero_point) - qmin
+        if shift:
+            moved = g.constant(f"{first.output[0]}_zero_point", np.array(zero_point - shift, dtype=dtype))
+            first.input[2] = dq.input[2] = moved
+        clamped = first.output[0]
+        if (low - shift, high - shift) != (qmin, qmax):
+            clamped = g.fresh(f"{first.output[0]}_clamped")
+            g.graph.node.append(_make_node("Clip", [first.output[0],
+                                                    g.constant(f"{clamped}_low", np.array(low - shift, dtype=dtype)),
+                                                    g.constant(f"{clamped}_high", np.array(high - shift, dtype=dtype))],
+                                           clamped))
+        dq.input[0] = clamped
+        for r in after:
+            g.replace_uses(r.output[0], dq.output[0])
+        g.refresh()
+        folded += 1
+    g.prune()
+    return folded
+
+
+def _quantize_bound(value: Any, params: tuple[float, int, Any], default: int) -> int:
+    """QuantizeLinear of a float clamp bound (None: ``default``) as the runtime computes it:
+    float32 division, rounding half to even, saturation to the integer type."""
+    import numpy as np
+
+    if value is None:
+        return default
+    scale, zero_point, dtype = params
+    info = np.iinfo(dtype)
+    return int(np.clip(np.round(np.float32(value) / np.float32(scale)) + zero_point, info.min, info.max))
+
+
+def _fold_activations(g: _QdqGraph) -> int:
+    """Drop the requantization between a conv/linear layer and the activation it feeds
+    (HardSwish, HardSigmoid, Sigmoid, x * Sigmoid(x), LeakyRelu, a Relu/Clip left over), when the
+    activation's result is quantized again: ``layer -> Q -> DQ -> act -> Q`` becomes
+    ``layer -> act -> Q``, which OpenVINO runs as one int8 convolution with the activation and
+    the requantization as post-ops (NNCF places its quantizers so). Not exact: one rounding of
+    the layer's output fewer than the FX model, so the result is nearer the float model. ONNX
+    Runtime has no int8 kernel for that form and would run the layer in float: only the
+    OpenVINO runner applies this (``openvino_model``)."""
+    folded = 0
+    for layer in list(g.graph.node):
+        if layer.op_type not in _ACCUMULATING:
+            continue
+        first = g.read_only_by(layer.output[0])
+        if len(first) != 1 or first[0].op_type != "QuantizeLinear" or g.per_tensor(first[0]) is None:
+            continue
+        dq = g.read_only_by(first[0].output[0])
+        if len(dq) != 1 or dq[0].op_type != "DequantizeLinear":
+            continue
+        x = dq[0].output[0]
+        readers = g.read_only_by(x)
+        kinds = sorted(r.op_type for r in readers)
+        if len(readers) == 1 and kinds[0] in _FUSED_ACTIVATIONS and readers[0].input[0] == x:
+            result = readers[0].output[0]
+        elif kinds == ["Mul", "Sigmoid"]:  # SiLU as the exporter writes it: x * Sigmoid(x)
+            sigmoid, mul = sorted(readers, key=lambda r: r.op_type != "Sigmoid")
+            if g.read_only_by(sigmoid.output[0]) != [mul] or sorted(mul.input) != sorted([x, sigmoid.output[0]]):
+                continue
+            result = mul.output[0]
+        else:
+            continue
+        after = g.read_only_by(result)
+        if not after or any(r.op_type != "QuantizeLinear" for r in after):
+            continue
+        for reader in readers:
+            for i, name in enumerate(reader.input):
+                if name == x:
+                    reader.input[i] = layer.output[0]
+        g.refresh()
+        folded += 1
+    g.prune()
+    return folded
+
+
+def _make_node(op: str, inputs: list[str], output: str) -> Any:
+    from onnx import helper
+
+    return helper.make_node(op, inputs, [output], name=output)
+
+
+def place_quantizers(model: Any, *, fold_activations: bool = False) -> dict[str, int]:
+    """Rewrite an exported QDQ model (an ``onnx.ModelProto``, in place) so its quantizers sit
+    where the runtimes' int8 kernels fuse them, and return how many places each rewrite changed.
+
+    Always, all exact (the integers every layer reads are those of the graph as exported):
+    duplicate quantizers of one tensor merged (``_merge_duplicate_quantizers``), a quantization
+    of a tensor just dequantized with the same parameters removed (``_drop_requantization``;
+    FX leaves one after an eval-mode Dropout), value-preserving ops moved onto the integers
+    (``_quantized_passthrough``) and each ReLU/ReLU6 between two equal quantizations turned into
+    one quantization and an integer clamp (``_clamp_in_int8``).
+
+    ``fold_activations`` also removes the requantization between a layer and its activation
+    (``_fold_activations``): what OpenVINO fuses, not exact, and slower on ONNX Runtime."""
+    g = _QdqGraph(model)
+    counts = {"merged": _merge_duplicate_quantizers(g), "requantizations": _drop_requantization(g),
+              "passthrough": _quantized_passthrough(g), "int8_clamps": _clamp_in_int8(g)}
+    if fold_activations:
+        counts["folded_activations"] = _fold_activations(g)
+    counts["requantizations"] += _drop_requantization(g)
+    return counts
+
+
 def _require(packages: Sequence[str], what: str) -> None:
     """Raise StageError, with the install hint, unless every one of ``packages`` imports."""
     absent = [p for p in packages if _importable(p) is not None]
@@ -270,11 +610,13 @@ def export_onnx_qdq(observed: nn.Module, example: tuple[torch.Tensor, ...], path
     """Write the int8 model ``convert_calibrated(observed, keep_fp32)`` would make as one
     self-contained ONNX QDQ file at ``path`` (see the module docstring) and return ``path``.
 
-    ``observed`` is a calibrated model (``pipeline.quant.calibrated``), ``example`` an input
-    tuple of the model's shape (any batch size: the batch dimension is dynamic), ``keep_fp32``
-    the layers left in fp32, ``biases`` {layer name: float bias} to use instead of those layers'
-    own (``int8_biases`` of a bias-corrected model). Raises StageError when a layer name is
-    unknown, a package is missing or the exporter fails."""
+    ``observed`` is a calibrated model (``pipeline.quant.calibrated``) or a quantization-aware
+    trained one (``pipeline.quant.prepare_qat`` after training: the file is then the model
+    ``convert_qat`` makes), ``example`` an input tuple of the model's shape (any batch size: the
+    batch dimension is dynamic), ``keep_fp32`` the layers left in fp32 (static models only),
+    ``biases`` {layer name: float bias} to use instead of those layers' own (``int8_biases`` of
+    a bias-corrected model). Raises StageError when a layer name is unknown, a package is
+    missing or the exporter fails."""
     from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx
     from torch.onnx.errors import OnnxExporterError
 
@@ -284,10 +626,14 @@ def export_onnx_qdq(observed: nn.Module, example: tuple[torch.Tensor, ...], path
     _require(EXPORT_PACKAGES, "exporting to ONNX")
     import onnx
 
+    static = hasattr(observed, "qpipe_qconfig")  # set by calibrated(); a QAT model keeps its own mapping
+    if keep_fp32 and not static:
+        raise StageError("keep_fp32 applies to a calibrated static model only; a QAT model exports as trained")
     path = Path(path)
+    mapping = static_mapping(observed, keep_fp32) if static else None
+    model = copy.deepcopy(observed).cpu().eval()
     with quiet():
-        reference = _convert_to_reference_decomposed_fx(copy.deepcopy(observed),
-                                                        qconfig_mapping=static_mapping(observed, keep_fp32))
+        reference = _convert_to_reference_decomposed_fx(model if static else freeze_qat(model), qconfig_mapping=mapping)
     _set_biases(reference, biases or {})
     try:
         with quiet(), torch.no_grad():
@@ -297,6 +643,7 @@ def export_onnx_qdq(observed: nn.Module, example: tuple[torch.Tensor, ...], path
                               custom_translation_table=_translations(), verbose=False)
         model = onnx.load(str(path))
         weights = _fold_weight_quantization(model)
+        placed = place_quantizers(model)
         shielded = _shield_float_layers(model)
         onnx.checker.check_model(model)
     except (OnnxExporterError, onnx.checker.ValidationError, OSError) as err:
@@ -305,7 +652,8 @@ def export_onnx_qdq(observed: nn.Module, example: tuple[torch.Tensor, ...], path
                          f"{first[:300]}. The FX int8 model itself is unaffected: deploy its TorchScript file, "
                          "or find the op the exporter cannot express: torch.onnx.export(..., report=True)") from None
     onnx.save(model, str(path))
-    log.info("exported %s: %d int8 weights, %d float layer(s) shielded", path.name, weights, shielded)
+    log.info("exported %s: %d int8 weights, %d float layer(s) shielded, quantizers placed: %s", path.name, weights,
+             shielded, placed)
     return path
 
 
@@ -330,18 +678,41 @@ class OrtRunner:
         return torch.from_numpy(self.session.run(None, {self.input: x.contiguous().numpy()})[0])
 
 
+def openvino_model(path: Path, core: Any = None) -> Any:
+    """The ``openvino.Model`` qpipe's OpenVINO runner serves from the file at ``path``: an IR or
+    a float ONNX file as OpenVINO reads it; an int8 QDQ ONNX file (``export_onnx_qdq``) with
+    each layer's activation folded into the layer (``place_quantizers(fold_activations=True)``),
+    the form OpenVINO's int8 kernels fuse into one convolution. ``openvino.save_model`` of the
+    result writes that form as IR for a deployment. ``core``: an ``openvino.Core`` to read with."""
+    import openvino as ov
+
+    core = core or ov.Core()
+    path = Path(path)
+    if path.suffix != ".onnx" or _importable("onnx") is not None:
+        return core.read_model(str(path))
+    import onnx
+
+    model = onnx.load(str(path))
+    if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        return core.read_model(str(path))
+    counts = place_quantizers(model, fold_activations=True)
+    log.debug("%s for OpenVINO: %s", path.name, counts)
+    return core.read_model(model.SerializeToString())
+
+
 class OvRunner:
     """An OpenVINO model on the CPU plugin as ``logits = runner(x)``, compiled with a static
     shape per input shape (what a deployment with a fixed batch does): at construction for
     ``batch_size`` when given, otherwise at the first call of each shape. ``model`` is a file
-    OpenVINO reads (.xml, .onnx) or an ``openvino.Model``. ``compiled`` holds the compiled model
-    of each shape; ``precision`` the plugin's inference precision for the float parts."""
+    OpenVINO reads (.xml, .onnx: ``openvino_model``) or an ``openvino.Model``. ``compiled`` holds
+    the compiled model of each shape; ``precision`` the plugin's inference precision for the
+    float parts."""
 
     def __init__(self, model: Any, n_threads: int, batch_size: int | None = None) -> None:
         import openvino as ov
 
         self.core = ov.Core()
-        self.model = self.core.read_model(str(model)) if isinstance(model, (str, Path)) else model
+        self.model = openvino_model(model, self.core) if isinstance(model, (str, Path)) else model
         self.config = {"INFERENCE_NUM_THREADS": n_threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
         self.compiled: dict[tuple[int, ...], Any] = {}
         self.requests: dict[tuple[int, ...], Any] = {}
