@@ -559,13 +559,56 @@ def test_createbucket_gives_the_workers_a_user_limited_to_the_bucket():
     assert {"s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= actions
     assert not actions & {"s3:CreateBucket", "s3:DeleteBucket", "s3:PutBucketPolicy"}
     lines = script.splitlines()
-    create = lines.index("mc admin policy create local qpipe-worker /tmp/qpipe-worker-policy.json")
+    create = lines.index("mc admin policy create local qpipe-bucket-rw /tmp/qpipe-bucket-rw.json")
     add = lines.index('mc admin user add local "$QPIPE_S3_ACCESS_KEY" "$QPIPE_S3_SECRET_KEY"')
-    attach = [i for i, ln in enumerate(lines) if "mc admin policy attach local qpipe-worker --user" in ln]
+    attach = [i for i, ln in enumerate(lines) if "mc admin policy attach local qpipe-bucket-rw --user" in ln]
     assert lines[0] == "set -eu" and create < add < attach[0], "bucket, policy, user, then the policy on the user"
-    # rerunnable: attaching an attached policy is an error in mc, so it is attached only when missing
-    rerun = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
+
+
+_FAKE_MC = """#!/bin/sh
+# stands in for MinIO's mc: logs each call; `admin user info` answers what MC_USER_INFO holds
+echo "$*" >> "$MC_LOG"
+case "$1 $2 $3" in
+  "admin user info") cat "$MC_USER_INFO" ;;
+  "admin policy create") cp "$6" "$MC_POLICY_SEEN" ;;
+esac
+"""
+
+
+def test_createbucket_script_attaches_the_policy_once_and_reruns_cleanly(tmp_path):
+    """The script itself, run by sh with a stand-in for mc (no MinIO server here): the first run
+    makes the bucket, the policy (valid JSON at the time) and the user, and attaches the policy;
+    a rerun, with the policy attached, does not attach it again (mc refuses that, and the Job
+    and `docker compose up` run the script every time). The user's name is the one the example
+    env file suggests, which must not be mistaken for an attached policy."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mc").write_text(_FAKE_MC)
+    (bin_dir / "mc").chmod(0o755)
+    script = _createbucket_script().replace("/tmp/", f"{tmp_path}/")
+    user = re.search(r"^QPIPE_S3_ACCESS_KEY=(\S+)$", (DEPLOY / "compose.env.example").read_text(), re.M).group(1)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MC_LOG": str(tmp_path / "calls"),
+           "MC_USER_INFO": str(tmp_path / "info"), "MC_POLICY_SEEN": str(tmp_path / "policy"),
+           "QPIPE_S3_ACCESS_KEY": user, "QPIPE_S3_SECRET_KEY": "ab" * 12}
+
+    def run(info: dict[str, str]) -> list[str]:
+        (tmp_path / "info").write_text(json.dumps({"status": "success", "accessKey": user, **info},
+                                                  separators=(",", ":")))
+        (tmp_path / "calls").unlink(missing_ok=True)
+        proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        return (tmp_path / "calls").read_text().splitlines()
+
+    first = run({"policyName": "", "userStatus": "enabled"})
+    assert first == ["mb --ignore-existing local/qpipe",
+                     f"admin policy create local qpipe-bucket-rw {tmp_path}/qpipe-bucket-rw.json",
+                     f"admin user add local {user} {'ab' * 12}",
+                     f"admin user info local {user} --json",
+                     f"admin policy attach local qpipe-bucket-rw --user {user}"]
+    assert json.loads((tmp_path / "policy").read_text()) == _worker_policy()
+    again = run({"policyName": "qpipe-bucket-rw", "userStatus": "enabled"})
+    assert not any("policy attach" in c for c in again), again
+    assert len(again) == len(first) - 1
 
 
 def test_seaweedfs_profile_is_wired_like_the_default_store():
