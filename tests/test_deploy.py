@@ -4,12 +4,18 @@ There is no container engine or Kubernetes here, so these tests check what can b
 without one: compose.yaml, the Kubernetes manifests and the Grafana files parse; every file a
 compose service builds from or mounts exists; ports, queue names and environment variable names
 agree with the code's defaults and with each other; scaled services pin no host port or node
-name; the image's entry point is a command that exists. Two tests run the real thing where it
-runs here: the Redis start-up script of compose.yaml and redis.yaml under a real Valkey
-(password, append-only file, a restart that keeps queued work), and every query of the Grafana
-dashboard evaluated by a real Prometheus that scrapes a real ``workers.metrics`` exporter.
+name; the image's entry point is a command that exists; every third-party image is pinned by
+tag and digest, the same in compose and Kubernetes; deploy/constraints.txt pins every dependency
+the Dockerfile installs. Real tools where they install: hadolint on the Dockerfile, amtool on the
+Alertmanager config, `kubectl kustomize` rendering the base and the example overlay and the
+Kubernetes OpenAPI schemas (kubernetes-validate) accepting every core object. And the real thing
+where it runs here: the Redis start-up script of compose.yaml and redis.yaml under a real Valkey
+(password, append-only file, maxmemory, a restart that keeps queued work); the SeaweedFS
+profile's start-up script under the real `weed` (the workers' keys reach their bucket and nothing
+else); MinIO's createbucket script under sh with a stand-in mc; and every query of the Grafana
+dashboard and of KEDA's triggers evaluated by a real Prometheus that scrapes a real
+``workers.metrics`` exporter.
 """
-
 from __future__ import annotations
 
 import functools
