@@ -409,6 +409,15 @@ def test_compose_env_example_lists_every_variable_compose_requires():
     assert passed_through <= listed
 
 
+def test_scaled_cpu_workers_get_a_cpu_quota_to_size_their_threads_to():
+    """Each worker-cpu replica runs under a CPU quota (compose's `cpus`), which the worker reads
+    and sizes its torch threads to (workers/cpu_quota.py): replicas do not each start one thread
+    per host core."""
+    assert float(resolved_services()["worker-cpu"]["cpus"]) == 2.0
+    assert float(resolved_services_with({"QPIPE_WORKER_CPUS": "3"})["worker-cpu"]["cpus"]) == 3.0
+    assert "QPIPE_WORKER_CPUS" in (DEPLOY / "compose.env.example").read_text()
+
+
 def test_stop_grace_periods_let_a_stage_finish():
     svcs = services()
     cpu = duration_seconds(svcs["worker-cpu"]["stop_grace_period"])
