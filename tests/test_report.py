@@ -357,7 +357,7 @@ def test_report_stage_stores_html_and_pictures_next_to_the_markdown(stage_run: d
     store, s, manifest = stage_run["store"], stage_run["summary"], stage_run["manifest"]
     print(f"report stage: {stage_run['seconds']:.2f}s")
     assert s["status"] == "FAILED" and s["selected"] == "ptq-a"  # ptq-b is faster but outside the budget
-    # no variant of this run has a sensitivity analysis (tests/test_sensitivity.py draws one)
+    # no variant of this run has a sensitivity analysis (tests/stages/test_sensitivity.py draws one)
     assert set(s["plots"]) == set(FILES) - {"sensitivity"} and "plot_errors" not in s
     folder = "runs/demo-1"
     assert s["report"] == store.url(f"{folder}/report.md") and s["report_html"] == store.url(f"{folder}/report.html")
