@@ -20,6 +20,7 @@ import tomllib
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from pipeline.runner import prepare_sources
 from pipeline.spec import load_spec
 from pipeline.store import FileStore, S3Store, check_key, open_store
 from tests.conftest import wait_for
-from tests.servers import FlowerProcess, RedisServer, free_port, free_ports
+from tests.servers import Cluster, FlowerProcess, env_vars, free_port, free_ports
 from workers.app import app as shared_app
 from workers.app import create_app
 from workers.client import Client, check_broker
@@ -132,46 +133,43 @@ def test_worker_refuses_pickle_and_still_runs_json(tmp_path: Path) -> None:
     evil_spec = load_spec({**tiny_spec("builtin:digits"), "seed": 1})  # another ingest key
     [evil_node] = [n for n in build_plan(evil_spec, prepare_sources(evil_spec, store)) if n["stage"] == "ingest"]
     assert evil_node["key"] != json_node["key"]
-    with RedisServer(data_dir=tmp_path / "redis") as server:
-        worker = WorkerProcess("cpu", server.url, store.uri, tmp_path / "logs").start()
-        try:
-            r = redis.Redis.from_url(server.url)
-            task_id = str(uuid.uuid4())
-            body = (["pickled-run", {**evil_node, "payload": Evil(marker)}, store.uri], {},
-                    {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
-            headers = {"lang": "py", "task": "qpipe.ingest", "id": task_id, "root_id": task_id, "parent_id": None,
-                       "group": None, "shadow": None, "eta": None, "expires": None, "retries": 0,
-                       "timelimit": [None, None], "argsrepr": "(...)", "kwargsrepr": "{}", "origin": "attacker"}
-            with Connection(server.url) as conn:
-                conn.Producer().publish(body, exchange="", routing_key="cpu", serializer="pickle", headers=headers)
-            deadline = time.monotonic() + 60
-            log = ""
-            while "untrusted content of type pickle" not in log:
-                assert time.monotonic() < deadline, log[-3000:]
-                time.sleep(0.2)
-                log = worker.log_path.read_text(errors="replace")
-            time.sleep(1.0)
-            assert "Refusing to deserialize untrusted content of type pickle" in log
-            assert "The message has been ignored and discarded" in log  # rejected, not requeued
-            assert r.llen("cpu") == 0 and r.hlen("unacked") == 0, "the pickled message must not come back"
-            assert f"Task qpipe.ingest[{task_id}] received" not in log
-            # nothing ran: no code from the pickle, no run state, no stage output
-            assert not marker.exists(), "unpickling ran attacker code"
-            assert r.keys("qpipe:run:pickled-run*") == [] and r.keys("qpipe:lock:*") == []
-            assert not store.exists(f"stages/ingest/{evil_node['key']}/manifest.json")
-            assert store.list("stages") == []
-            # the worker is alive and serves JSON
-            assert worker.running
-            app = create_app(server.url)
-            assert app.control.ping(destination=[worker.node], timeout=10) == [{worker.node: {"ok": "pong"}}]
-            result = app.send_task("qpipe.ingest", args=["json-run", json_node, store.uri], queue="cpu")
-            assert result.get(timeout=120) == {"node": "ingest", "state": "done"}
-            assert store.exists(f"stages/ingest/{json_node['key']}/manifest.json")
-            assert not store.exists(f"stages/ingest/{evil_node['key']}/manifest.json") and not marker.exists()
-            assert worker.running
-        finally:
-            worker.stop()
-            gc.collect()  # AsyncResult.__del__ talks to the broker: let it run while the broker is up
+    with Cluster(tmp_path, store.uri) as cluster:
+        server = cluster.broker
+        worker = cluster.worker("cpu", logs=tmp_path / "logs")
+        r = redis.Redis.from_url(server.url)
+        task_id = str(uuid.uuid4())
+        body = (["pickled-run", {**evil_node, "payload": Evil(marker)}, store.uri], {},
+                {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+        headers = {"lang": "py", "task": "qpipe.ingest", "id": task_id, "root_id": task_id, "parent_id": None,
+                   "group": None, "shadow": None, "eta": None, "expires": None, "retries": 0,
+                   "timelimit": [None, None], "argsrepr": "(...)", "kwargsrepr": "{}", "origin": "attacker"}
+        with Connection(server.url) as conn:
+            conn.Producer().publish(body, exchange="", routing_key="cpu", serializer="pickle", headers=headers)
+        deadline = time.monotonic() + 60
+        log = ""
+        while "untrusted content of type pickle" not in log:
+            assert time.monotonic() < deadline, log[-3000:]
+            time.sleep(0.2)
+            log = worker.log_path.read_text(errors="replace")
+        time.sleep(1.0)
+        assert "Refusing to deserialize untrusted content of type pickle" in log
+        assert "The message has been ignored and discarded" in log  # rejected, not requeued
+        assert r.llen("cpu") == 0 and r.hlen("unacked") == 0, "the pickled message must not come back"
+        assert f"Task qpipe.ingest[{task_id}] received" not in log
+        # nothing ran: no code from the pickle, no run state, no stage output
+        assert not marker.exists(), "unpickling ran attacker code"
+        assert r.keys("qpipe:run:pickled-run*") == [] and r.keys("qpipe:lock:*") == []
+        assert not store.exists(f"stages/ingest/{evil_node['key']}/manifest.json")
+        assert store.list("stages") == []
+        # the worker is alive and serves JSON
+        assert worker.running
+        app = create_app(server.url)
+        assert app.control.ping(destination=[worker.node], timeout=10) == [{worker.node: {"ok": "pong"}}]
+        result = app.send_task("qpipe.ingest", args=["json-run", json_node, store.uri], queue="cpu")
+        assert result.get(timeout=120) == {"node": "ingest", "state": "done"}
+        assert store.exists(f"stages/ingest/{json_node['key']}/manifest.json")
+        assert not store.exists(f"stages/ingest/{evil_node['key']}/manifest.json") and not marker.exists()
+        assert worker.running
 
 
 # ------------------------------------------------------------------------------ secrets
@@ -187,28 +185,22 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     s3_secret = "S3SECRET" + letters(32)
     password = "BROKERPW" + letters(24)
     s3 = SeaweedS3Server(tmp / "s3", access_key="QPACCESS" + letters(12).upper(), secret_key=s3_secret)
-    broker = RedisServer(data_dir=tmp / "redis", password=password)
     env = {"QPIPE_S3_ENDPOINT": s3.endpoint, "QPIPE_S3_ACCESS_KEY": s3.access_key,
            "QPIPE_S3_SECRET_KEY": s3_secret, "QPIPE_S3_SECURE": "false"}
-    old = {k: os.environ.get(k) for k in env}
-    workers: list[WorkerProcess] = []
-    flower = None
     store = f"s3://{BUCKET}/{PREFIX}"
     metrics_port = free_ports(1)[0]
-    try:
-        s3.start()
+    with ExitStack() as stack:  # undone in reverse: Flower, the cluster, the environment, S3
+        stack.enter_context(s3)  # started here
         s3.make_bucket(BUCKET)
-        broker.start()
-        os.environ.update(env)
+        stack.enter_context(env_vars(env))  # the workers, Flower and this process's client hold the S3 keys
+        cluster = stack.enter_context(Cluster(tmp, store, password=password))
+        broker = cluster.broker
         logs = tmp / "worker-logs"
-        workers = [WorkerProcess("cpu", broker.url, store, logs,
-                                 extra_args=("--loglevel", "DEBUG", "--metrics-port", str(metrics_port))),
-                   WorkerProcess("gpu", broker.url, store, logs)]
-        for w in workers:
-            w.start()
+        workers = [cluster.worker("cpu", logs=logs, metrics_port=metrics_port, extra_args=("--loglevel", "DEBUG")),
+                   cluster.worker("gpu", logs=logs)]
         # Flower (its env holds the S3 keys too) sees every task of both runs: it is up, and
         # receiving the workers' events, before the first run
-        flower = FlowerProcess(broker.url, tmp / "flower").start()
+        flower = stack.enter_context(FlowerProcess(broker.url, tmp / "flower"))  # started here
         wait_for(lambda: all(f'flower_worker_online{{worker="{w.node}"}} 1.0' in flower.text("/metrics")
                              for w in workers), timeout=60, every=0.5)
         data = make_folder(tmp / "data")
@@ -242,19 +234,6 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                "summary": summary, "cli_summary": cli_summary, "run_ids": [first_run, run_id],
                "cli_output": "\n".join(p.stdout + "\n" + p.stderr for p in runs), "store": store, "env": env,
                "flower": flower, "metrics_port": metrics_port, "data": data}
-    finally:
-        gc.collect()  # AsyncResult.__del__ talks to the broker: let it run while the broker is up
-        if flower is not None:
-            flower.stop()
-        for w in workers:
-            w.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        broker.stop()
-        s3.stop()
 
 
 def needles(secure: dict, access_key: bool = False) -> dict[str, bytes]:
