@@ -382,14 +382,10 @@ def pool_lines(log: Path) -> list[tuple[int, int, str]]:
 
 @pytest.mark.integration
 def test_gpu_pool_processes_get_their_own_gpus_and_keep_them_when_replaced(tmp_path: Path) -> None:
-    from tests.servers import RedisServer
-    from workers.embedded import WorkerProcess
+    from tests.servers import Cluster
 
-    broker = RedisServer(data_dir=tmp_path / "broker").start()
-    worker = WorkerProcess("gpu", broker.url, (tmp_path / "store").as_uri(), tmp_path / "logs", concurrency=2,
-                           extra_args=("--gpus", "3,5"))
-    try:
-        worker.start()
+    with Cluster(tmp_path, (tmp_path / "store").as_uri()) as cluster:
+        worker = cluster.worker("gpu", logs=tmp_path / "logs", concurrency=2, gpus="3,5")
         first = wait_for(lambda: len(pool_lines(worker.log_path)) >= 2 and pool_lines(worker.log_path), timeout=60)
         assert {i: dev for i, _, dev in first} == {0: "3", 1: "5"}, first
         log = worker.log_path.read_text(errors="replace")
@@ -402,34 +398,18 @@ def test_gpu_pool_processes_get_their_own_gpus_and_keep_them_when_replaced(tmp_p
         assert (index, device) == (0, "3") and pid != victim
         kids = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
         assert str(pid) in kids, "the replacement is a pool process of this worker"
-    finally:
-        worker.stop()
-        broker.stop()
 
 
 @pytest.fixture(scope="module")
 def gpu_fleet(tmp_path_factory: pytest.TempPathFactory):
     """A broker, a cpu worker, and a gpu worker started with --gpus 3,5 --concurrency 2 on this
     machine without CUDA; retries short (2, backoff 1 s) so a requeued stage gives up quickly."""
-    from tests.servers import RedisServer, env_vars
-    from workers.embedded import WorkerProcess
+    from tests.servers import Cluster
 
     tmp = tmp_path_factory.mktemp("gpu-fleet")
-    store = (tmp / "store").as_uri()
-    broker = RedisServer(data_dir=tmp / "broker").start()
-    workers = []
-    try:
-        with env_vars({"QPIPE_MAX_RETRIES": "2", "QPIPE_RETRY_BACKOFF_MAX": "1"}):
-            workers = [WorkerProcess("cpu", broker.url, store, tmp / "logs"),
-                       WorkerProcess("gpu", broker.url, store, tmp / "logs", concurrency=2,
-                                     extra_args=("--gpus", "3,5"))]
-            for w in workers:
-                w.start()
-        yield {"broker": broker.url, "store": store, "workers": workers}
-    finally:
-        for w in workers:
-            w.stop()
-        broker.stop()
+    with Cluster(tmp, (tmp / "store").as_uri(), {"QPIPE_MAX_RETRIES": "2", "QPIPE_RETRY_BACKOFF_MAX": "1"}) as fleet:
+        fleet.worker("cpu", logs=tmp / "logs"), fleet.worker("gpu", logs=tmp / "logs", concurrency=2, gpus="3,5")
+        yield fleet.as_dict()
 
 
 @pytest.mark.integration
