@@ -350,27 +350,23 @@ METRICS_SPEC = {
 
 @pytest.mark.integration
 @pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="prometheus not installed (Debian package prometheus)")
-def test_prometheus_scrapes_workers_during_a_pipeline(broker, s3_env, tmp_path, monkeypatch):
-    from workers.client import Client
-    from workers.embedded import WorkerProcess
+def test_prometheus_scrapes_workers_during_a_pipeline(s3_env, tmp_path, monkeypatch):
+    from tests.servers import Cluster
 
-    url = re.sub(r"/\d+$", "/4", broker.url)  # a database of its own: no other test's workers
     store = f"s3://qpipe/metrics-{int(time.time() * 1000)}"  # nothing cached from other runs
     monkeypatch.setenv("QPIPE_METRICS_DIR", str(tmp_path / "metrics"))
     ports = {"cpu": free_port(), "gpu": free_port()}
-    # cpu: the solo pool, stages in the main process; gpu: the default prefork pool, a new pool
-    # process for every stage (whose files are folded when it exits)
-    workers = [WorkerProcess("cpu", url, store, tmp_path / "logs",
-                             extra_args=("--metrics-port", str(ports["cpu"]), "--pool", "solo")),
-               WorkerProcess("gpu", url, store, tmp_path / "logs", extra_args=("--metrics-port", str(ports["gpu"])))]
-    folders = [tmp_path / "metrics" / re.sub(r"[^A-Za-z0-9@._-]", "_", w.node) for w in workers]
     prom = PrometheusServer(tmp_path / "prometheus", [f"127.0.0.1:{p}" for p in ports.values()],
                             [DEPLOY / "alerts.yml"])
-    try:
-        prom.start()
-        for w in workers:
-            w.start()
-        client = Client(url, store)
+    # a broker of its own: no other test's workers or queues
+    with Cluster(tmp_path, store) as cluster, prom:
+        # cpu: the solo pool, stages in the main process; gpu: the default prefork pool, a new pool
+        # process for every stage (whose files are folded when it exits)
+        workers = [cluster.worker("cpu", logs=tmp_path / "logs", metrics_port=ports["cpu"],
+                                  extra_args=("--pool", "solo")),
+                   cluster.worker("gpu", logs=tmp_path / "logs", metrics_port=ports["gpu"])]
+        folders = [tmp_path / "metrics" / re.sub(r"[^A-Za-z0-9@._-]", "_", w.node) for w in workers]
+        client = cluster.client()
         first = client.submit(copy.deepcopy(METRICS_SPEC)).wait(timeout=600)
         assert first["status"] == "SUCCESS", first
         second = client.submit(copy.deepcopy(METRICS_SPEC)).wait(timeout=300)
@@ -456,9 +452,5 @@ def test_prometheus_scrapes_workers_during_a_pipeline(broker, s3_env, tmp_path, 
         pids = {int(m.group(1)) for f in folder.glob("*.db") if (m := re.search(r"_(\d+)\.db$", f.name))}
         assert all(Path(f"/proc/{p}").exists() for p in pids), (pids, sorted(os.listdir(folder)))
         assert len(list(folder.glob("*.db"))) <= 8, sorted(os.listdir(folder))
-    finally:
-        prom.stop()
-        for w in workers:
-            w.stop()
     assert prom.pid is None and not any(w.running for w in workers)
     assert not [f for f in folders if f.exists()], "a worker that stops removes its metrics folder"
