@@ -213,12 +213,11 @@ def test_out_of_memory_names_the_fix_and_keeps_the_checkpoints(tmp_path: Path, m
 
 
 @pytest.mark.integration
-def test_unexpected_error_in_a_worker_keeps_the_checkpoints(tmp_path: Path, broker) -> None:
+def test_unexpected_error_in_a_worker_keeps_the_checkpoints(tmp_path: Path) -> None:
     """A real worker, a real crash: the store refuses epoch 2's checkpoint with an OSError that
     is no qpipe error (a directory stands where the file goes). The clean-up of the failed stage
     removes its partial outputs but keeps its checkpoints, for the rerun to resume from."""
-    from workers.client import Client
-    from workers.embedded import WorkerProcess
+    from tests.servers import Cluster
 
     store = FileStore(tmp_path / "store")
     spec = copy.deepcopy(SPEC)
@@ -227,13 +226,11 @@ def test_unexpected_error_in_a_worker_keeps_the_checkpoints(tmp_path: Path, brok
     folder = store.root / f"stages/finetune/{node['key']}"
     (store.root / checkpoint_key(node, 2)).mkdir(parents=True)
     (folder / "model.ts").write_bytes(b"left by an earlier attempt")  # a partial output: removed
-    worker = WorkerProcess("cpu,gpu", broker.url, store.uri, tmp_path / "logs").start()
-    try:
-        run = Client(broker.url, store.uri).submit(copy.deepcopy(spec)).wait(timeout=300)
+    with Cluster(tmp_path, store.uri) as cluster:
+        worker = cluster.worker("cpu,gpu", logs=tmp_path / "logs")
+        run = cluster.client().submit(copy.deepcopy(spec)).wait(timeout=300)
         stage = next(s for s in run["stages"] if s["id"] == "finetune")
         assert stage["state"] == "failed" and "IsADirectoryError" in stage["error"], stage
         assert "crashed" in Path(worker.log_path).read_text(errors="replace")  # the generic branch ran
         left = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         assert left == ["checkpoints/epoch-0001.pt", "checkpoints/epoch-0001.pt.json"], left
-    finally:
-        worker.stop()
