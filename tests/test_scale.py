@@ -16,21 +16,19 @@ from collections import Counter
 import pytest
 
 from tests.conftest import SMALL_SPEC, wait_for
-from tests.servers import FlowerProcess
+from tests.servers import Cluster, FlowerProcess
 from workers.client import Client
-from workers.embedded import WorkerProcess
 
 pytestmark = pytest.mark.integration
 PARTS = 4
 RUNTIMES = ["torchscript", "onnxruntime", "openvino"]
 
 
-def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s3_env, tmp_path):
-    second = WorkerProcess("cpu", cluster["broker"], cluster["store"], tmp_path / "logs")
-    flower = FlowerProcess(cluster["broker"], tmp_path / "flower")
-    try:
-        second.start()
-        flower.start()
+def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, broker, s3_env, tmp_path):
+    # the second worker joins the session's cluster on its broker, and stops with this test
+    with (Cluster(tmp_path, cluster["store"], broker=broker) as joined,
+          FlowerProcess(cluster["broker"], tmp_path / "flower") as flower):
+        second = joined.worker("cpu", logs=tmp_path / "logs")
         # Flower's HTTP API answers before its event receiver is connected; a heartbeat counted
         # in its own metrics shows that events reach it (else the first task could be missed)
         wait_for(lambda: f'flower_worker_online{{worker="{second.node}"}} 1.0' in flower.text("/metrics"),
@@ -83,6 +81,3 @@ def test_two_cpu_workers_share_the_fan_out_and_flower_lists_the_tasks(cluster, s
         assert s3_env["QPIPE_S3_SECRET_KEY"] not in blob and s3_env["QPIPE_S3_ACCESS_KEY"] not in blob
         workers = flower.get("/api/workers?refresh=true")
         assert second.node in workers, sorted(workers)
-    finally:
-        flower.stop()
-        second.stop()
