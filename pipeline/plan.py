@@ -134,6 +134,7 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
             producer = _node("qat", f"qat:{name}", QatConfig(
                 variant=v.name, arch=arch, backend=q.backend, epochs=v.epochs, lr=v.lr,
                 batch_size=v.batch_size or f.batch_size, momentum=f.momentum, seed=spec.seed, device=f.device,
+                export_onnx=v.EXPORTS_ONNX and bool(onnx),
             ), {"data": ingest, "model": finetune}, variant=name)
         else:
             inputs = {"data": ingest, "model": finetune}

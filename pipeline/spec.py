@@ -340,6 +340,7 @@ class QatVariant(_PerChannelOnly):
 
     METHOD: ClassVar[str] = "qat"
     PRODUCER: ClassVar[str] = "qat"
+    EXPORTS_ONNX: ClassVar[bool] = True  # the trained model exports like a calibrated one
 
     method: Literal["qat"]
     epochs: int = Field(1, ge=1, le=1000)

@@ -128,6 +128,8 @@ class QuantizeConfig(ConvertConfig):
 
 
 class QatConfig(StageConfig):
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"export_onnx"})
+
     variant: str
     arch: str
     backend: str
@@ -138,6 +140,7 @@ class QatConfig(StageConfig):
     seed: int
     device: str  # where it trains, not what it computes
     UNKEYED: ClassVar[frozenset[str]] = frozenset({"device"})
+    export_onnx: bool = False  # also write the int8 model as ONNX QDQ, for ONNX Runtime and OpenVINO
 
 
 class BenchmarkConfig(StageConfig):

@@ -1,14 +1,24 @@
 """qat (gpu queue): quantization-aware fine-tuning from the fp32 checkpoint, then int8. Always in
 fp32 and the default memory layout, on CUDA too: the fake-quantize observers measure the ranges
-the int8 model will have, which autocast's bf16/fp16 activations would distort."""
+the int8 model will have, which autocast's bf16/fp16 activations would distort.
+
+With ``export_onnx`` the trained model is also written as ONNX QDQ (``export_onnx_qdq``), the
+same int8 model for ONNX Runtime and OpenVINO; an export failure leaves the TorchScript form
+standing and is recorded in ``export_errors``, as the quantize stage does."""
 
 from __future__ import annotations
 
+import logging
+
+from pipeline.errors import StageError
 from pipeline.quant import convert_qat, count_layers, export_torchscript, layer_table, prepare_qat
+from pipeline.runtimes import export_onnx_qdq
 from pipeline.stages import StageContext
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
 from pipeline.stages.configs import QatConfig
 from pipeline.train import device_record, pick_device, train_epochs
+
+log = logging.getLogger(__name__)
 
 
 def qat(ctx: StageContext, cfg: QatConfig, inputs: dict) -> dict:
@@ -21,6 +31,13 @@ def qat(ctx: StageContext, cfg: QatConfig, inputs: dict) -> dict:
     history = train_epochs(prepared, ctx, x, y, xv, yv, epochs=cfg.epochs, batch_size=cfg.batch_size,
                            lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0, device=device, seed=cfg.seed,
                            label="qat epoch", **norm(data))
+    outputs, extra = {}, {}
+    if cfg.export_onnx:  # before convert_qat, which converts the trained model in place
+        try:
+            outputs["onnx"] = ctx.put("model.onnx", export_onnx_qdq(prepared, example, ctx.workdir / "model.onnx"))
+        except StageError as err:  # the TorchScript form stands alone; the benchmark says why ONNX is absent
+            extra["export_errors"] = {"onnx": str(err)}
+            log.warning("%s: %s", cfg.variant, err)
     qmodel = convert_qat(prepared)
     rows = layer_table(qmodel)
     int8, fp = count_layers(rows)
@@ -38,5 +55,6 @@ def qat(ctx: StageContext, cfg: QatConfig, inputs: dict) -> dict:
         "int8_layers": int8,
         "fp32_layers": fp,
         "format": "torchscript",
-        "outputs": {"model": ctx.put("model.ts", path)},
+        **extra,
+        "outputs": {"model": ctx.put("model.ts", path), **outputs},
     }

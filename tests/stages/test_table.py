@@ -136,13 +136,13 @@ EXAMPLE_KEYS = {
     "quantize:ptq-minmax": "8dc75e25e445210444bf69c50a4617d0",
     "quantize:ptq-histogram": "80a5a7b30d722d377cc1c28cdc6ca6cc",
     "quantize:dynamic": "99f98fb8808bf9bd1f9eceb60984bc6a",
-    "qat:qat": "6a69e4b76717e401ab77da81d87b90b2",
+    "qat:qat": "f9af0a295d468b20b5ae3053f26c0298",  # moved: QAT exports ONNX QDQ for the ONNX runtimes
     "benchmark:fp32": "8de507e2155c3037bdd6f64973254d33",  # moved: fp32 also runs on the ONNX runtimes
     "benchmark:ptq-minmax": "e3e6147a98a68f274137bd3b2c0867d3",
     "benchmark:ptq-histogram": "8e0f5c1ed1b53af52a69b13fac169745",
     "benchmark:dynamic": "7c3f3bc8628dd1be1252b3edb7c56ea0",
-    "benchmark:qat": "61a8fc6a3738e8118415f19c4e4ef224",
-    "report": "3457c5aa0b68db439dba262a5b6a1531",  # moved with benchmark:fp32, its input
+    "benchmark:qat": "8e94f0302e92b52417c1d774c1b3b28d",  # moved: QAT measured on the ONNX runtimes too
+    "report": "4996dd2eb3ebe6c63968678070abaf73",  # moved with benchmark:fp32 and benchmark:qat, its inputs
 }
 SMALL_KEYS = {
     "ingest": "8e2095dd6c6bef03acd86a89c68858a2",
@@ -182,8 +182,9 @@ def test_content_keys_are_unchanged() -> None:
     assert keys(build_plan(parse_spec(SMALL_SPEC), PINNED_SOURCES)) == SMALL_KEYS
     sweep = keys(build_plan(parse_spec(every_option_sweep()), PINNED_SOURCES))
     assert len(sweep) == 36
+    # moved with the QAT nodes, their benchmarks and the report: QAT exports ONNX QDQ for the ONNX runtimes
     assert sha256_bytes(canonical_json(sweep).encode()) == \
-        "5f82ad2d9f5e34be12eb8e9524d5fdeb32aa8b6e3a7d335ab54be13f179c232a"
+        "8799ccbc136fda153e27028e727d805cce4e14be7fa2afb60cca97fb6f27a01a"
 
 
 def test_every_node_config_parses_into_its_stage_type() -> None:
