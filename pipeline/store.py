@@ -49,6 +49,16 @@ class ArtifactMissing(FileNotFoundError):
 
 
 @dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object as a listing sees it: its key, size and when it was last written
+    (seconds since the epoch), which is what garbage collection decides on."""
+
+    key: str
+    size: int
+    modified: float
+
+
+@dataclass(frozen=True)
 class ArtifactRef:
     """Where an artifact lives and what it must hash to."""
 
@@ -114,6 +124,10 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (a folder-like prefix ending without '/'), sorted."""
+
+    @abstractmethod
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        """Like ``list``, with each object's size and modification time."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
@@ -255,6 +269,16 @@ class FileStore(Store):
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(".tmp-")
         )
+
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        found = []
+        for key in self.list(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+            found.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        return found
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -432,6 +456,17 @@ class S3Store(Store):
         strip = len(self.prefix) + 1 if self.prefix else 0
         return self._call(f"list {prefix}", lambda: sorted(
             o.object_name[strip:] for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)))
+
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        full = self._obj(prefix) + "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+
+        def info(o: Any) -> ObjectInfo:
+            return ObjectInfo(o.object_name[strip:], int(o.size or 0),
+                              o.last_modified.timestamp() if o.last_modified else 0.0)
+
+        return self._call(f"list {prefix}", lambda: sorted(
+            (info(o) for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)), key=lambda o: o.key))
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self.client.remove_object(self.bucket, self._obj(key)))
