@@ -9,6 +9,10 @@
                  [--require-cuda] [--cpus 0-3]
     qpipe flower [--broker URL] [--port 5555] [--address 127.0.0.1] [-- FLOWER ARGS]
     qpipe config
+    qpipe runs [--limit N] [--json] [--broker URL] [--store URI]
+    qpipe pull RUN_ID [--variant NAME|selected] [--runtime auto|torchscript|onnxruntime|openvino] DIR
+    qpipe predict DIR|RUN_ID IMAGE_OR_FOLDER... [--top-k 5] [--json]
+    qpipe gc [--keep-last N] [--older-than DAYS] [--grace-minutes 60] [--dry-run] [--yes]
 
 Exit status: 0 when the run succeeded, 1 when it failed or was cancelled, 2 when the spec or
 the configuration was refused or the object store could not be reached (nothing was enqueued),
@@ -103,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5555)
     p.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0 to serve other machines)")
     p.add_argument("flower_args", nargs=argparse.REMAINDER, help="passed to Flower")
+    _after_a_run(sub)
     sub.add_parser("config", help="print every QPIPE_* setting: its value here, its default and what it does "
                    "(credentials masked)")
     return ap
@@ -381,8 +386,171 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------- after a run
+# runs, pull, predict, gc: thin over workers.client.Registry (pipeline.registry, pipeline.predict)
+
+def _after_a_run(sub) -> None:
+    p = sub.add_parser("runs", help="list recent runs: status, start, duration, selected variant and runtime")
+    _common(p)
+    p.add_argument("--limit", type=int, default=20, help="the newest N runs (default 20)")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p = sub.add_parser("pull", help="write a run's served model, its manifest, report and a README to a folder",
+                       description="Write the model a finished run selected (or --variant), in the form the report "
+                                   "chose at each batch size (or --runtime), with manifest.json (preprocessing, "
+                                   "classes, sha256 of every file, the summary row, the run's warnings), report.html "
+                                   "and its pictures, and a README.md on loading it with plain PyTorch, ONNX Runtime "
+                                   "or OpenVINO. Every file is checked against its recorded sha256 first; a mismatch "
+                                   "refuses the pull.")
+    p.add_argument("run_id")
+    p.add_argument("dir", help="a new or empty folder")
+    p.add_argument("--variant", default="selected", help="a variant's name, fp32, or selected (default)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "torchscript", "onnxruntime", "openvino"],
+                   help="the form to pull (default auto: the one the report chose at each batch size)")
+    p.add_argument("--store", help="artifact store URI (default: $QPIPE_STORE_URI, else the embedded default's)")
+    p = sub.add_parser("predict", help="run a pulled model (a folder, or a run id) on your images")
+    p.add_argument("model", help="a folder written by `qpipe pull`, or a run id (its selected model)")
+    p.add_argument("images", nargs="+", help="image files, folders of images, or ImageFolders (one sub-folder per "
+                                             "class: their top-1 is printed too)")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.add_argument("--store", help="artifact store URI, for a run id (default: $QPIPE_STORE_URI, else the "
+                                   "embedded default's)")
+    p = sub.add_parser("gc", help="remove runs outside a policy and what no kept or running run needs",
+                       description="Remove the runs outside the policy, then every stage output, checkpoint and "
+                                   "uploaded source or checkpoint that no kept run needs. Never removed: what a kept "
+                                   "run or a run in flight needs, a stage computing now, and anything written in the "
+                                   "last --grace-minutes (a stage being computed writes outputs that no manifest "
+                                   "references yet). Safe while workers run; submissions wait while it removes. "
+                                   "A dry run unless --yes: it says what it would free first, either way.")
+    _common(p)
+    p.add_argument("--keep-last", type=int, default=None, help="keep the newest N runs")
+    p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="remove runs started more than DAYS ago (with --keep-last: unless among the newest N); "
+                        "with neither option every run is kept and only what no run needs goes")
+    p.add_argument("--grace-minutes", type=float, default=60.0,
+                   help="never remove objects written less than this many minutes ago (default 60)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would go (the default)")
+    p.add_argument("--yes", action="store_true", help="remove it")
+
+
+def _when(iso: str | None) -> str:
+    return iso.replace("T", " ").removesuffix("+00:00") if iso else "-"
+
+
+def _took(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from workers.client import Registry
+
+    reg = Registry(args.store, args.broker)
+    rows = reg.runs(args.limit)
+    for note in reg.notes:
+        print(f"qpipe runs: warning: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no runs in {reg.store.uri}")
+        return EXIT_OK
+    table = [["run", "name", "status", "started (UTC)", "took", "selected", "runtime", "warnings"]]
+    table += [[r["run_id"], r["name"] or "-", r["status"], _when(r["started"]), _took(r["duration_s"]),
+               r["selected"] or "-", r["runtime"] or "-", str(len(r["warnings"])) if r["warnings"] else ""]
+              for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if any(r["warnings"] for r in rows):
+        print("warnings: results that cannot be trusted; `qpipe status RUN_ID` says why")
+    return EXIT_OK
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from pipeline.errors import CorruptArtifact
+    from pipeline.store import ArtifactMissing
+    from workers.client import Registry
+
+    try:
+        got = Registry(args.store).pull(args.run_id, args.dir, variant=args.variant, runtime=args.runtime)
+    except (CorruptArtifact, ArtifactMissing) as err:
+        print(f"qpipe pull: refused, nothing written: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"pulled {got.variant} of run {got.run_id} into {got.folder}")
+    for batch, s in got.serving.items():
+        top1 = f", top-1 {s['accuracy_top1']:.4f}" if isinstance(s.get("accuracy_top1"), float) else ""
+        p50 = f", p50 {s['latency_ms_p50']:.3f} ms" if isinstance(s.get("latency_ms_p50"), float) else ""
+        print(f"  batch {batch}: {s['runtime']} ({s['file']}){top1}{p50}")
+    print(f"  {len(got.files)} files verified against their sha256, plus manifest.json and README.md")
+    for w in got.warnings:
+        print(f"warning: {w['message']}")
+    print(f"how to load and feed it: {got.folder / 'README.md'}")
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from workers.client import Registry
+
+    if Path(args.model).is_dir():
+        from pipeline.predict import predict
+
+        out = predict(args.model, args.images, top_k=args.top_k)
+    else:
+        out = Registry(args.store).predict(args.model, args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    for w in out["warnings"]:
+        print(f"warning: {w['message']}")
+    for p in out["predictions"]:
+        label = f" [{p['label']}: {'right' if p['correct'] else 'wrong'}]" if "label" in p else ""
+        print(f"{p['image']}{label}: " + ", ".join(f"{t['class']} {t['probability']:.4f}" for t in p["top"]))
+    for s in out["skipped"]:
+        print(f"skipped {s['file']}: {s['reason']}")
+    if out["top1"]:
+        t = out["top1"]
+        print(f"top-1 {t['accuracy']:.4f}: {t['correct']} of {t['images']} labelled image(s) right")
+    print(f"model: {out['variant']} of run {out['run_id']} on {out['runtime']} ({out['file']})")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.registry import human_bytes
+    from workers.client import Registry
+
+    if args.yes and args.dry_run:
+        raise SystemExit("qpipe gc: --dry-run and --yes contradict each other: give one")
+    reg = Registry(args.store, args.broker)
+
+    def tell(found) -> None:
+        for run, why in found.kept:
+            print(f"keep    {run.run_id}  {run.status}  ({why})")
+        for run in found.removed:
+            print(f"remove  {run.run_id}  {run.status}")
+        folders = ", ".join(f"{top}: {n}" for top, n in sorted(found.counts().items()))
+        print(f"{'removing' if args.yes else 'would remove'} {len(found.objects)} object(s), "
+              f"{human_bytes(found.bytes)}" + (f" ({folders})" if folders else "")
+              + (f"; {found.spared} unneeded object(s) younger than {args.grace_minutes:g} min left"
+                 if found.spared else ""), flush=True)
+
+    out = reg.gc(keep_last=args.keep_last, older_than_days=args.older_than, grace_minutes=args.grace_minutes,
+                 dry_run=not args.yes, on_plan=tell)
+    for note in out["notes"]:
+        print(f"qpipe gc: note: {note}", file=sys.stderr)
+    if args.yes:
+        print(f"removed {out['removed']['objects']} object(s), {human_bytes(out['removed']['bytes'])}")
+    elif out["objects"]:
+        print("dry run: nothing removed; add --yes to remove it")
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "watch": cmd_watch,
-            "cancel": cmd_cancel, "worker": cmd_worker, "flower": cmd_flower, "config": cmd_config}
+            "cancel": cmd_cancel, "worker": cmd_worker, "flower": cmd_flower, "config": cmd_config,
+            "runs": cmd_runs, "pull": cmd_pull, "predict": cmd_predict, "gc": cmd_gc}
 
 
 def _without_url(argv: list[str], url: str) -> list[str]:
