@@ -5,26 +5,15 @@ the fine-tune), and the cpu worker runs two stages at a time. bench/load.py runs
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from bench import load
 from workers.embedded import EmbeddedCluster
 
 pytestmark = pytest.mark.integration
 
 
-def _bench_load():
-    path = Path(__file__).resolve().parent.parent / "bench" / "load.py"
-    spec = importlib.util.spec_from_file_location("bench_load", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_six_pipelines_sharing_stages_at_once(tmp_path):
-    load = _bench_load()
     with EmbeddedCluster(home=tmp_path, cpu_concurrency=2) as cluster:
         result = load.run_load(6, cluster, timeout=900, shared=True)
     assert result["succeeded"] == 6, result
