@@ -4,6 +4,7 @@ by real worker processes, with a run in flight while the collection removes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -17,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import yaml
 from PIL import Image
 
-from pipeline.store import open_store
+from pipeline.registry import file_lock
+from pipeline.store import FileStore, open_store
 from tests.helpers import wait_for
-from tests.servers import Cluster
-from workers.client import Client
+from tests.servers import Cluster, RedisServer
+from workers.client import Client, store_lock_name
 from workers.state import RunState
 
 pytestmark = pytest.mark.integration
@@ -301,10 +304,10 @@ def test_s3_pull_and_gc_with_a_run_in_flight(s3_cluster, tmp_path):
     b_plan = {n["id"]: n for n in store.get_json(f"runs/{b.run_id}/plan.json")["plan"]}
     assert b_plan["ingest"]["key"] == a_plan["ingest"]["key"] and b_plan["finetune"]["key"] != a_plan["finetune"]["key"]
     wait_for(lambda: stage_state(b, "finetune") == "running", timeout=300)  # writing epochs no manifest names yet
-    gc = ok(qpipe("gc", "--keep-last", "0", "--grace-minutes", "0", "--yes", *cli))
+    collected = ok(qpipe("gc", "--keep-last", "0", "--grace-minutes", "0", "--yes", *cli))
     assert RunState(client.redis, b.run_id).get("status") == "RUNNING", "B ended before the collection: slow it down"
-    assert re.search(rf"^keep    {b.run_id}  RUNNING  \(in flight", gc, re.M), gc
-    assert f"remove  {a.run_id}  SUCCESS" in gc and "removed " in gc
+    assert re.search(rf"^keep    {b.run_id}  RUNNING  \(in flight", collected, re.M), collected
+    assert f"remove  {a.run_id}  SUCCESS" in collected and "removed " in collected
     second = b.wait(timeout=600)
     assert second["status"] == "SUCCESS" and not second["failures"], s3_cluster.logs()
 
@@ -318,3 +321,34 @@ def test_s3_pull_and_gc_with_a_run_in_flight(s3_cluster, tmp_path):
     ok(qpipe("gc", "--keep-last", "1", "--grace-minutes", "0", "--yes", *cli))
     again = ok(qpipe("gc", "--keep-last", "1", "--grace-minutes", "0", "--yes", *cli))
     assert "removed 0 object(s), 0 B" in again and f"keep    {b.run_id}  SUCCESS" in again
+
+
+
+@pytest.mark.parametrize("hold", ["broker", "file"])
+def test_a_submission_waits_while_a_collection_holds_the_store(tmp_path, hold):
+    """The lock ``qpipe gc --yes`` holds from its decision to its last removal: the broker's, and
+    a file store's own (the embedded default's broker is private to its run)."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(S3_SPEC))
+    store = FileStore(tmp_path / "store")
+    with RedisServer(data_dir=tmp_path / "redis") as server:  # its own: the runs enqueued here never run
+        submit = [sys.executable, "-m", "workers.cli", "submit", str(spec), "--store", store.uri]
+        env = {**os.environ, "QPIPE_BROKER_URL": server.url, "PYTHONPATH": str(ROOT)}
+        t0 = time.monotonic()
+        ok(subprocess.run(submit, capture_output=True, text=True, env=env, timeout=120))
+        unhindered = time.monotonic() - t0  # unhindered, it records at once
+        before = set(store.list("runs"))
+        held = contextlib.ExitStack()
+        if hold == "broker":
+            lock = redis.Redis.from_url(server.url).lock(store_lock_name(store.uri), timeout=60)
+            assert lock.acquire(blocking=False)
+            held.callback(lock.release)
+        else:
+            held.enter_context(file_lock(store, wait=5))
+        with held:
+            waiting = subprocess.Popen(submit, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            time.sleep(2 + 2 * unhindered)
+            assert waiting.poll() is None and set(store.list("runs")) == before  # waiting; nothing recorded
+        out, err = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0, err
+        assert store.exists(f"runs/{out.strip()}/plan.json")
