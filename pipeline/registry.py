@@ -341,6 +341,22 @@ def _refs_of(bench: dict, row: dict) -> dict[str, dict]:
     return refs
 
 
+WRITTEN = ("manifest.json", "README.md")  # the pulled folder's own files
+
+
+def file_name(uri: str) -> str:
+    """The name a stored object gets in a pulled folder: the last part of its URI, refused when it
+    could leave the folder or replace one of the folder's own files."""
+    name = PurePosixPath(uri).name
+    try:
+        check_key(name)
+    except ValueError:
+        raise ConfigError(f"{uri} does not end in a plain file name: not pulled") from None
+    if name in WRITTEN:
+        raise ConfigError(f"{uri} would replace the pulled folder's own {name}: not pulled")
+    return name
+
+
 def _model_files(bench: dict, row: dict, runtimes: set[str]) -> dict[str, dict]:
     """{file name: reference} of the files ``runtimes`` read (an OpenVINO IR's .bin with its .xml)."""
     forms, refs = _forms(row), _refs_of(bench, row)
@@ -351,12 +367,12 @@ def _model_files(bench: dict, row: dict, runtimes: set[str]) -> dict[str, dict]:
         if ref is None:
             raise ConfigError(f"the {rt} form of {row['name']} ({uri}) has no sha256 recorded in its benchmark "
                               f"manifest ({row.get('manifest')}): it cannot be verified, so it is not pulled")
-        files[PurePosixPath(uri).name] = ref
+        files[file_name(uri)] = ref
         if uri.endswith(".xml"):  # an IR is read with the weights file beside it
             weights = (bench.get("outputs") or {}).get("weights")
             if weights is None:
                 raise ConfigError(f"{uri} is an OpenVINO IR without a recorded weights (.bin) file")
-            files[PurePosixPath(weights["uri"]).name] = weights
+            files[file_name(weights["uri"])] = weights
     return files
 
 
@@ -410,7 +426,7 @@ def pull(store: Store, run_id: str, dest: str | Path, *, variant: str = "selecte
         files[SUMMARY] = _verified(store, outputs["summary"], staging / SUMMARY)
         files["report.html"] = _verified(store, outputs["report_html"], staging / "report.html")
         for ref in (outputs.get("plots") or {}).values():  # the report shows them by relative path
-            name = PurePosixPath(ref["uri"]).name
+            name = file_name(ref["uri"])
             files[name] = _verified(store, ref, staging / name)
         manifest = _manifest(store, summary, row, bench, serving, files)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -145,3 +145,90 @@ def test_a_run_without_a_plan_is_followed_through_its_manifests(store):
 
     found = collect(store, Policy(), now=NOW)
     assert keys(found.objects) == {"stages/benchmark/unrelated/manifest.json", "stages/benchmark/unrelated/out.bin"}
+
+
+# ------------------------------------------------------------------------------------- pull
+
+def engine_run(store: FileStore, rid: str, *, selected: str | None = "nncf") -> None:
+    """A finished run as the report leaves it, whose variant ``nncf`` is another engine's OpenVINO
+    IR (a .xml read with the .bin beside it), served on OpenVINO; fp32 in TorchScript."""
+    def ref(key: str, data: bytes) -> dict:
+        return store.put_bytes(key, data).to_dict()
+
+    pre = {"resize": 16, "crop": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
+    xml, binary = ref("stages/benchmark/b1/model.xml", b"<net/>"), ref("stages/benchmark/b1/model.bin", b"\1" * 64)
+    ts = ref("stages/benchmark/b0/model.ts", b"ts" * 32)
+    put(store, "stages/benchmark/b1/manifest.json", {"classes": ["cat", "dog"], "preprocess": pre,
+                                                     "outputs": {"model": xml, "weights": binary}}, 0)
+    put(store, "stages/benchmark/b0/manifest.json", {"classes": ["cat", "dog"], "preprocess": pre,
+                                                     "outputs": {"model": ts}}, 0)
+    fp32 = {"name": "fp32", "method": "fp32", "accuracy_top1": 0.9, "latency_ms_p50": {"1": 2.0},
+            "artifact": ts["uri"], "sha256": ts["sha256"], "manifest": store.url("stages/benchmark/b0/manifest.json"),
+            "runtimes": {"torchscript": {"artifact": ts["uri"], "accuracy_top1": 0.9, "latency_ms_p50": {"1": 2.0}}},
+            "runtime": {"1": "torchscript"}}
+    nncf = {"name": "nncf", "method": "static", "engine": "nncf", "accuracy_top1": 0.88, "latency_ms_p50": {"1": 0.5},
+            "artifact": xml["uri"], "sha256": xml["sha256"], "manifest": store.url("stages/benchmark/b1/manifest.json"),
+            "runtimes": {"openvino": {"artifact": xml["uri"], "accuracy_top1": 0.88, "latency_ms_p50": {"1": 0.5}}},
+            "runtime": {"1": "openvino"}, "reference_runtime": "openvino"}
+    summary = {"run_id": rid, "name": "demo", "status": "SUCCESS", "baseline": fp32, "variants": [nncf],
+               "selected": selected, "selection_reason": "fastest" if selected else "no variant is within the budget",
+               "batch_sizes": [1], "accuracy_budget": 0.05,
+               "selection_per_batch": {"1": {"variant": "nncf", "runtime": "openvino"}} if selected else {},
+               "warnings": [{"kind": "resolution", "model": "", "message": "the validation split is tiny"}]}
+    outputs = {"summary": ref(f"runs/{rid}/summary.json", json.dumps(summary).encode()),
+               "report_html": ref(f"runs/{rid}/report.html", b'<img src="size.png">'),
+               "plots": {"size": ref(f"runs/{rid}/size.png", b"png")}}
+    put(store, f"runs/{rid}/manifest.json", {"stage": "report", "inputs": {}, "outputs": outputs}, 0)
+
+
+def test_pull_of_another_engines_ir_writes_both_files_and_says_how_to_load_them(store, tmp_path):
+    from pipeline.registry import check_folder, pull
+
+    engine_run(store, "demo-1")
+    got = pull(store, "demo-1", tmp_path / "model")
+    assert got.variant == "nncf" and got.serving == {"1": {"runtime": "openvino", "latency_ms_p50": 0.5,
+                                                           "accuracy_top1": 0.88, "file": "model.xml"}}
+    assert files_of(tmp_path / "model") == {"model.xml", "model.bin", "summary.json", "report.html", "size.png",
+                                            "manifest.json", "README.md"}
+    manifest = check_folder(tmp_path / "model")
+    assert manifest["classes"] == ["cat", "dog"] and manifest["engine"] == "nncf"
+    assert manifest["warnings"] == [{"kind": "resolution", "model": "", "message": "the validation split is tiny"}]
+    readme = (tmp_path / "model" / "README.md").read_text()
+    assert "> **Warning:** the validation split is tiny" in readme
+    assert 'ov.Core().compile_model("model.xml", "CPU")' in readme and "## Plain PyTorch" not in readme
+    (tmp_path / "model" / "model.bin").write_bytes(b"\2" * 64)  # changed after the pull: refused before loading
+    with pytest.raises(ConfigError, match="model.bin was changed since it was pulled"):
+        check_folder(tmp_path / "model")
+
+
+def files_of(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_pull_refuses_what_it_cannot_serve_and_writes_nothing(store, tmp_path):
+    from pipeline.errors import CorruptArtifact
+    from pipeline.registry import pull
+
+    engine_run(store, "demo-1")
+    engine_run(store, "demo-2", selected=None)
+    put(store, "runs/demo-3/plan.json", {"run_id": "demo-3", "plan": []})
+    dest = tmp_path / "model"
+    refusals = [
+        ({"run_id": "demo-9"}, "no finished run 'demo-9' in the store"),
+        ({"run_id": "demo-3"}, "run demo-3 has not finished"),
+        ({"run_id": "demo-2"}, r"selected no variant \(no variant is within the budget\): pass --variant NAME, "
+                               "one of fp32, nncf"),
+        ({"run_id": "demo-1", "variant": "nope"}, "has no measured model 'nope'"),
+        ({"run_id": "demo-1", "runtime": "torchscript"}, "nncf was measured on openvino, not on torchscript"),
+        ({"run_id": "demo-1", "runtime": "tensorrt"}, "unknown runtime 'tensorrt'"),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(ConfigError, match=message):
+            pull(store, kwargs.pop("run_id"), dest, **kwargs)
+    assert pull(store, "demo-2", dest, variant="fp32").serving["1"]["file"] == "model.ts"
+    with pytest.raises(ConfigError, match="already exists and is not an empty folder"):
+        pull(store, "demo-1", dest)
+    (store.root / "stages/benchmark/b1/model.bin").write_bytes(b"\3" * 64)  # the bytes at rest changed
+    with pytest.raises(CorruptArtifact, match="model.bin is corrupt"):
+        pull(store, "demo-1", tmp_path / "other")
+    assert files_of(tmp_path) == {"model", "store"}  # neither the folder nor its hidden staging copy is left
