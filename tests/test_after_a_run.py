@@ -308,6 +308,9 @@ def test_s3_pull_and_gc_with_a_run_in_flight(s3_cluster, tmp_path):
     assert RunState(client.redis, b.run_id).get("status") == "RUNNING", "B ended before the collection: slow it down"
     assert re.search(rf"^keep    {b.run_id}  RUNNING  \(in flight", collected, re.M), collected
     assert f"remove  {a.run_id}  SUCCESS" in collected and "removed " in collected
+    listed = json.loads(ok(qpipe("runs", "--json", *cli)))  # B as the broker knows it; A gone from both
+    assert [(r["run_id"], r["status"]) for r in listed] == [(b.run_id, "RUNNING")]
+    assert not RunState(client.redis, a.run_id).exists()
     second = b.wait(timeout=600)
     assert second["status"] == "SUCCESS" and not second["failures"], s3_cluster.logs()
 

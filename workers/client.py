@@ -293,6 +293,19 @@ def broker_runs(r: redis.Redis, store_uri: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def forget(r: redis.Redis, run_ids: list[str]) -> None:
+    """Remove runs from the broker's record (their status hashes and their place in the index),
+    once a collection removed them from the store: neither lists them any more."""
+    if not run_ids:
+        return
+    pipe = r.pipeline(transaction=False)
+    for rid in run_ids:
+        state = RunState(r, rid)
+        pipe.delete(state.meta_key, state.stages_key)
+    pipe.zrem(RUNS_INDEX, *run_ids)
+    pipe.execute()
+
+
 def stage_locks(r: redis.Redis) -> set[str]:
     """The output folders (``stages/{stage}/{key}``) of the stages computing right now: those
     whose stage lock (``workers.locks``) is held."""
@@ -382,7 +395,8 @@ class Registry:
            grace_minutes: float = 60.0, dry_run: bool = True,
            on_plan: Callable[[Collection], None] | None = None) -> dict[str, Any]:
         """Collect what no kept or running run needs (see ``pipeline.registry``). Decides, tells
-        ``on_plan``, then removes unless ``dry_run``. Returns what was decided and done."""
+        ``on_plan``, then removes unless ``dry_run``, and has the broker forget the runs removed.
+        Returns what was decided and done."""
         from pipeline.errors import ConfigError
         from pipeline.registry import Policy, collect, remove
         from pipeline.store import FileStore
@@ -402,6 +416,8 @@ class Registry:
             if on_plan is not None:
                 on_plan(found)
             removed = (0, 0) if dry_run else remove(store, found, renew=renew)
+            if r is not None and not dry_run:
+                forget(r, [run.run_id for run in found.removed])
         return {
             "store": store.uri, "dry_run": dry_run,
             "kept": [{"run_id": run.run_id, "status": run.status, "why": why} for run, why in found.kept],
