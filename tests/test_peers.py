@@ -34,10 +34,14 @@ def rounds(*p50s: float) -> list[dict]:
 
 
 def test_case_specs_are_the_demo_spec_with_the_case_applied_and_validate(tmp_path: Path) -> None:
-    args = peers.parse_args(["--threads", "2", "--batch-sizes", "1,8"])
+    args = peers.parse_args(["--threads", "2", "--batch-sizes", "1,8", "--archs", "resnet18,mobilenet_v2",
+                             "--large-archs", "resnet18"])
     cases = peers.cases(args)
     assert [c.name for c in cases] == ["resnet18@64", "mobilenet_v2@64", "resnet18@224"]
     assert [c.judge_accuracy for c in cases] == [True, True, False]
+    # by default: the four archs of the issue at both sizes, in one run
+    every = [c.name for c in peers.cases(peers.parse_args([]))]
+    assert every == [f"{a}@{s}" for s in (64, 224) for a in peers.ARCHS.split(",")]
     demo = load_spec(peers.DEMO_SPEC)
     for case in cases:
         spec = load_spec(peers.case_spec(case, args))
@@ -45,7 +49,12 @@ def test_case_specs_are_the_demo_spec_with_the_case_applied_and_validate(tmp_pat
         assert spec.benchmark.threads == 2 and spec.benchmark.batch_sizes == [1, 8]
         assert spec.data.calib_size == demo.data.calib_size and spec.data.val_fraction == demo.data.val_fraction
     full64, large = load_spec(peers.case_spec(cases[0], args)), load_spec(peers.case_spec(cases[2], args))
-    assert [v.name for v in full64.quantize.variants] == [v.name for v in demo.quantize.variants]
+    # qpipe's static variants and, inside its own tournament, the other engines
+    assert [v.name for v in full64.quantize.variants] == ["ptq-minmax", "ptq-histogram", "nncf", "ort-minmax"]
+    assert [getattr(v, "engine", "qpipe") for v in full64.quantize.variants] == ["qpipe", "qpipe", "nncf",
+                                                                                 "onnxruntime"]
+    no_engines = peers.cases(peers.parse_args(["--no-engines", "--archs", "resnet18", "--large-size", "0"]))
+    assert [v["name"] for v in no_engines[0].variants] == ["ptq-minmax", "ptq-histogram"]
     assert full64.finetune.epochs == demo.finetune.epochs
     assert large.finetune.epochs == 1 and all(v.method == "static" for v in large.quantize.variants)
     assert load_spec(peers.case_spec(cases[1], args)).finetune.epochs == peers.EPOCHS["mobilenet_v2"]
@@ -53,13 +62,13 @@ def test_case_specs_are_the_demo_spec_with_the_case_applied_and_validate(tmp_pat
     assert cases[2].init_from == "resnet18@64" and large.model.weights is None
     ckpt = tmp_path / "fp32.pt"
     assert load_spec(peers.case_spec(cases[2], args, init=ckpt)).model.weights == str(ckpt)
-    assert peers.cases(peers.parse_args(["--archs", "mobilenet_v2"]))[-1].init_from is None
+    assert peers.cases(peers.parse_args(["--archs", "mobilenet_v2", "--large-archs", "resnet18"]))[-1].init_from is None
 
     quick = peers.parse_args(["--quick"])
     qcases = peers.cases(quick)
-    assert [c.name for c in qcases] == ["resnet18@64", "mobilenet_v2@64"]  # no large case
+    assert [c.name for c in qcases] == [f"{a}@64" for a in peers.ARCHS.split(",")]  # no large case
     qspec = load_spec(peers.case_spec(qcases[0], quick))
-    assert qspec.finetune.epochs == 1 and [v.name for v in qspec.quantize.variants] == ["ptq-minmax"]
+    assert qspec.finetune.epochs == 1 and [v.name for v in qspec.quantize.variants] == ["ptq-minmax", "nncf"]
     assert quick.rounds <= 2
 
 
