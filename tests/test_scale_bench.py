@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.scale import compare, critical_path, spans
+from bench.scale import compare, critical_path, quietest, spans
 
 
 def node(node_id: str, *deps: str) -> dict:
@@ -52,9 +52,11 @@ def test_critical_path_ignores_nodes_outside_the_fan_out() -> None:
 def test_compare_gives_speedup_efficiency_and_the_projection() -> None:
     one = {"cpu_workers": 1, "pipeline_span_s": 28.0, "fan_out_span_s": 16.0, "serial_span_s": 12.0,
            "fan_out_work_s": 16.0, "critical_path_s": 9.0}
-    two = {"cpu_workers": 2, "pipeline_span_s": 21.0, "fan_out_span_s": 9.0, "serial_span_s": 12.0}
+    two = {"cpu_workers": 2, "pipeline_span_s": 21.0, "fan_out_span_s": 9.0, "serial_span_s": 12.0,
+           "fan_out_work_s": 17.0}
     got = compare([one, two])
-    assert got["fan_out"] == {"speedup": round(16 / 9, 2), "efficiency": round(16 / 9 / 2, 2)}
+    assert got["fan_out"] == {"speedup": round(16 / 9, 2), "efficiency": round(16 / 9 / 2, 2),
+                              "work_growth": round(17 / 16, 2)}
     assert got["pipeline"] == {"speedup": round(28 / 21, 2), "efficiency": round(28 / 21 / 2, 2)}
     f = 12 / 28
     assert got["serial_fraction"] == pytest.approx(f, abs=1e-3)
@@ -62,3 +64,9 @@ def test_compare_gives_speedup_efficiency_and_the_projection() -> None:
     # with 4 workers the fan-out's work over 4 (4 s) is under its critical path (9 s): the plan bounds it
     assert got["projection"]["4"]["bounded_by_plan"] == round(28 / (12 + 9), 2)
     assert got["projection"]["16"]["bounded_by_plan"] == got["projection"]["4"]["bounded_by_plan"]
+
+
+def test_the_quietest_round_is_the_one_whose_busier_configuration_saw_the_least_load() -> None:
+    rounds = [[{"other_load": 0.1}, {"other_load": 0.6}], [{"other_load": 0.3}, {"other_load": 0.2}],
+              [{"other_load": None}, {"other_load": 0.4}]]
+    assert quietest(rounds) == 1
