@@ -1519,3 +1519,14 @@ def _safe_query(prometheus: _Prometheus, expr: str) -> bool:
         return bool(prometheus.query(expr))
     except (OSError, AssertionError):
         return False
+
+
+def test_the_image_opts_out_of_openvino_and_nncf_telemetry_for_the_user_that_runs_it():
+    """OpenVINO and NNCF send usage telemetry unless the running user's consent file says no: the
+    opt-out runs after the switch to that user (the file lives in its home), with the tool the
+    openvino-telemetry package installs."""
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    user = max(i for i, line in enumerate(lines) if line.startswith("USER "))
+    assert "RUN opt_in_out --opt_out" in lines[user:], lines[user:]
+    tool = Path(sys.executable).parent / "opt_in_out"
+    assert tool.exists(), "openvino-telemetry's opt_in_out is not installed with the runtimes"
