@@ -588,7 +588,14 @@ def place_quantizers(model: Any, *, fold_activations: bool = False) -> dict[str,
     one quantization and an integer clamp (``_clamp_in_int8``).
 
     ``fold_activations`` also removes the requantization between a layer and its activation
-    (``_fold_activations``): what OpenVINO fuses, not exact, and slower on ONNX Runtime."""
+    (``_fold_activations``): what OpenVINO fuses, not exact, and slower on ONNX Runtime.
+
+    A graph with subgraphs (If, Loop: tensors read from inside them are not tracked) is left as
+    it is; qpipe's exports have none."""
+    from onnx import AttributeProto
+
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+        return {}
     g = _QdqGraph(model)
     counts = {"merged": _merge_duplicate_quantizers(g), "requantizations": _drop_requantization(g),
               "passthrough": _quantized_passthrough(g), "int8_clamps": _clamp_in_int8(g)}
