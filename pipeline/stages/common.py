@@ -36,3 +36,16 @@ def load_fp32(ctx: StageContext, model_manifest: dict, data: dict) -> nn.Module:
 def norm(data: dict) -> dict:
     pre = data["preprocess"]
     return {"mean": pre["mean"], "std": pre["std"]}
+
+
+def int8_result(ctx: StageContext, qmodel: nn.Module, example: tuple[torch.Tensor, ...],
+                outputs: dict) -> dict:
+    """The part of the quantize and qat manifests that describes their int8 model: which layers
+    run in int8, and the model itself as TorchScript (``outputs["model"]``) next to ``outputs``."""
+    from pipeline.quant import count_layers, export_torchscript, layer_table
+
+    rows = layer_table(qmodel)
+    int8, fp = count_layers(rows)
+    path = export_torchscript(qmodel, example, ctx.workdir / "model.ts")
+    return {"layers": rows, "int8_layers": int8, "fp32_layers": fp, "format": "torchscript",
+            "outputs": {"model": ctx.put("model.ts", path), **outputs}}

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 
 from pipeline.errors import StageError
-from pipeline.quant import convert_qat, count_layers, export_torchscript, layer_table, prepare_qat
+from pipeline.quant import convert_qat, prepare_qat
 from pipeline.runtimes import export_onnx_qdq
 from pipeline.stages import StageContext
-from pipeline.stages.common import example_input, load_fp32, load_split, norm
+from pipeline.stages.common import example_input, int8_result, load_fp32, load_split, norm
 from pipeline.stages.configs import QatConfig
 from pipeline.train import device_record, pick_device, train_epochs
 
@@ -39,9 +39,7 @@ def qat(ctx: StageContext, cfg: QatConfig, inputs: dict) -> dict:
             extra["export_errors"] = {"onnx": str(err)}
             log.warning("%s: %s", cfg.variant, err)
     qmodel = convert_qat(prepared)
-    rows = layer_table(qmodel)
-    int8, fp = count_layers(rows)
-    path = export_torchscript(qmodel, example, ctx.workdir / "model.ts")
+    result = int8_result(ctx, qmodel, example, outputs)
     return {
         "classes": data["classes"],
         "preprocess": data["preprocess"],
@@ -51,10 +49,7 @@ def qat(ctx: StageContext, cfg: QatConfig, inputs: dict) -> dict:
         **device_record(device),
         "precision": "fp32",
         "resumed_from_epoch": ctx.extra.get("resumed_from_epoch", 0),
-        "layers": rows,
-        "int8_layers": int8,
-        "fp32_layers": fp,
-        "format": "torchscript",
+        **{k: v for k, v in result.items() if k != "outputs"},
         **extra,
-        "outputs": {"model": ctx.put("model.ts", path), **outputs},
+        "outputs": result["outputs"],
     }

@@ -28,15 +28,13 @@ from pipeline.quant import (
     BIAS_CORRECTION_IMAGES,
     convert_calibrated,
     correct_bias,
-    count_layers,
     export_torchscript,
-    layer_table,
     quantize_dynamic,
 )
 from pipeline.runtimes import export_onnx_qdq, int8_biases
 from pipeline.sensitivity import logits_of, rank, rank_by_latency, search_fallback, top1
 from pipeline.stages import StageContext
-from pipeline.stages.common import example_input, load_fp32, load_split, norm
+from pipeline.stages.common import example_input, int8_result, load_fp32, load_split, norm
 from pipeline.stages.configs import QuantizeConfig
 from pipeline.stages.sensitivity import calibrated_model, validation
 from pipeline.train import normalize
@@ -186,18 +184,13 @@ def quantize(ctx: StageContext, cfg: QuantizeConfig, inputs: dict) -> dict:
     example = example_input(data)
     qmodel, extra, outputs = CONVERTERS[cfg.method](ctx, cfg, inputs)
     ctx.progress(0.9, "exporting TorchScript")
-    rows = layer_table(qmodel)
-    int8, fp = count_layers(rows)
-    path = export_torchscript(qmodel, example, ctx.workdir / "model.ts")
+    result = int8_result(ctx, qmodel, example, outputs)
     return {
         "classes": data["classes"],
         "preprocess": data["preprocess"],
         "method": cfg.method,
         "backend": cfg.backend,
-        "layers": rows,
-        "int8_layers": int8,
-        "fp32_layers": fp,
-        "format": "torchscript",
+        **{k: v for k, v in result.items() if k != "outputs"},
         **extra,
-        "outputs": {"model": ctx.put("model.ts", path), **outputs},
+        "outputs": result["outputs"],
     }
