@@ -20,9 +20,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/qpipe run examples/digits.yaml
 
+# MALLOC_ARENA_MAX: the runtimes start many threads, and glibc's default of 8 heaps per core each
+# keeps its freed memory; an xdist worker that loads hundreds of models grew past 10 GB with it
 test: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --tb=native -rfs --durations=15
+	MALLOC_ARENA_MAX=2 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --tb=native -rfs --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench
