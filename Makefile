@@ -20,11 +20,18 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/qpipe run examples/digits.yaml
 
-# MALLOC_ARENA_MAX: the runtimes start many threads, and glibc's default of 8 heaps per core each
-# keeps its freed memory; an xdist worker that loads hundreds of models grew past 10 GB with it
+# Two pytest runs, each with fresh xdist workers: the in-process tests first, then those that
+# start servers and worker processes. An xdist worker that has loaded hundreds of models, ONNX
+# Runtime sessions and OpenVINO compiled models holds several GB it never hands back; in one run
+# those workers and the integration tests' servers and workers together exhausted 24 GB.
+# MALLOC_ARENA_MAX: the runtimes start many threads, and glibc's default of 8 heaps per core
+# each keeps its freed memory.
+PYTEST := MALLOC_ARENA_MAX=2 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --tb=native -rfs --durations=15
+
 test: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench
-	MALLOC_ARENA_MAX=2 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --tb=native -rfs --durations=15
+	$(PYTEST) -m "not integration"
+	$(PYTEST) -m integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench
