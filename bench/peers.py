@@ -115,12 +115,14 @@ from bench.int8_vs_fp32 import (
 from pipeline.bench import threads
 from pipeline.plan import build_plan
 from pipeline.quant import load_torchscript, set_engine
-from pipeline.runner import prepare_sources, run_in_process
+from pipeline.runner import run_in_process
 from pipeline.runtimes import OrtRunner, OvRunner, load_runner
+from pipeline.sources import prepare_sources
 from pipeline.spec import load_spec
 from pipeline.stages import StageContext, manifest_key
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
 from pipeline.store import FileStore, Store
+from pipeline.summary import select
 from pipeline.train import evaluate, normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,10 +315,9 @@ def run_qpipe(spec_dict: dict, store: Store, workdir: Path) -> QpipeRun:
     first = str(spec.benchmark.batch_sizes[0])
     own_rows = [v for v in summary["variants"] if v.get("accuracy_top1") is not None and not v.get("engine")
                 and v.get("method") == "static"]
-    within = [v for v in own_rows if (v.get("accuracy_drop") or 0.0) <= summary["accuracy_budget"] + 1e-9]
+    fastest_within, _ = select(own_rows, summary["accuracy_budget"], first)  # the report's own rule
     own_name = (selected if any(v["name"] == selected for v in own_rows) else
-                min(within, key=lambda v: v["latency_ms_p50"][first])["name"] if within else
-                max(own_rows, key=lambda v: v["accuracy_top1"])["name"])
+                fastest_within or max(own_rows, key=lambda v: v["accuracy_top1"])["name"])
     own_bench = manifest(f"benchmark:{own_name}")
     set_engine(own_bench["backend"])
     int8_path = ctx.fetch(own_bench["outputs"]["model"], f"qpipe-{own_name}.ts")

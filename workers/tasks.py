@@ -151,7 +151,7 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
     outcome = run_node(
         node, open_, ledger, run_id=run_id, spec_sha256=patiently(lambda: state.get("spec_sha256"), "status"),
         worker=worker, guard=guard, can_retry=can_retry,
-        gave_up=lambda err: f"gave up after {MAX_RETRIES} retries: {err}",
+        gave_up=gave_up,
         on_running=lambda: {"pid": os.getpid(), "attempt": task.request.retries + 1},
         on_progress=on_progress, is_cancelled=is_cancelled, on_images=metrics.images_hook(stage),
         on_outcome=lambda state, err: attempts and attempts[-1].end(state, err))
@@ -161,6 +161,11 @@ def run_stage(task: Task, run_id: str, node: dict[str, Any], store_uri: str) -> 
         except Exception:
             log.exception("%s: could not set the quality gauges", run_id)
     return {"node": node_id, "state": outcome.state}
+
+
+def gave_up(err: TransientError) -> str:
+    """A transient error's record once Celery's retries are spent."""
+    return f"gave up after {MAX_RETRIES} retries: {err}"
 
 
 def fail_stage(task: Task, run_id: str, node: dict[str, Any], error: str) -> dict[str, Any]:
@@ -182,7 +187,7 @@ def _make_task(stage: str, queue: str) -> Task:
             if self.request.retries < MAX_RETRIES:
                 raise  # Celery's autoretry_for: a new message after the backoff
             log.exception("%s %s: unexpected error outside the stage", run_id, node.get("id"))
-            return fail_stage(self, run_id, node, f"gave up after {MAX_RETRIES} retries: {err}")
+            return fail_stage(self, run_id, node, gave_up(err))
         except Exception as err:
             # A task that raises makes the chord fail and its report never run, leaving the run
             # RUNNING forever: record the failure and return, so the report still fires.
