@@ -17,10 +17,6 @@ from pipeline.sources import prepare_sources
 from pipeline.spec import PipelineSpec, load_spec, spec_digest
 from pipeline.store import Store
 
-# submission helpers live with the sources and the spec; kept importable from here for callers
-# written before the move
-__all__ = ["prepare_sources", "run_in_process", "spec_digest"]
-
 
 def run_in_process(spec: PipelineSpec | dict | str, store: Store, *, run_id: str | None = None,
                    on_event: Callable[[str, str], None] | None = None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from pipeline.data import read_shards
 from pipeline.models import build_model, load_state_dict
 from pipeline.plan import CALIBRATION_STATISTIC, build_plan
 from pipeline.quant import convert_static, correct_bias, observer_state, prepare_static
-from pipeline.runner import prepare_sources
+from pipeline.sources import prepare_sources
 from pipeline.spec import PipelineSpec, parse_spec
 from pipeline.stages import execute
 from pipeline.store import FileStore

@@ -47,7 +47,8 @@ from PIL import Image
 
 from pipeline.errors import ConfigError, SpecError
 from pipeline.plan import build_plan
-from pipeline.runner import prepare_sources, run_in_process
+from pipeline.runner import run_in_process
+from pipeline.sources import prepare_sources
 from pipeline.spec import load_spec
 from pipeline.stages import execute
 from pipeline.store import FileStore

@@ -184,7 +184,7 @@ def test_duplicate_delivery_computes_once(tmp_path, s3_env, s3_server):
     the lock can keep it from computing. A report delivered by hand meanwhile (the chord's body
     firing early, as a redelivered member can make it) must retry until every stage has ended."""
     from pipeline.plan import build_plan
-    from pipeline.runner import prepare_sources
+    from pipeline.sources import prepare_sources
     from pipeline.spec import load_spec
     from pipeline.store import open_store
     from workers.app import create_app

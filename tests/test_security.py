@@ -32,7 +32,7 @@ from PIL import Image
 
 from pipeline.errors import ConfigError, SpecError
 from pipeline.plan import build_plan
-from pipeline.runner import prepare_sources
+from pipeline.sources import prepare_sources
 from pipeline.spec import load_spec
 from pipeline.store import FileStore, S3Store, check_key, open_store
 from tests.conftest import wait_for

@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 from pipeline.errors import ConfigError, SpecError
-from pipeline.runner import spec_digest
-from pipeline.spec import DynamicVariant, QatVariant, StaticVariant, load_spec, parse_spec
+from pipeline.spec import DynamicVariant, QatVariant, StaticVariant, load_spec, parse_spec, spec_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "digits.yaml"

@@ -19,7 +19,8 @@ from celery import group
 from pipeline.errors import SpecError
 from pipeline.plan import build_plan
 from pipeline.report import markdown, text_table
-from pipeline.runner import prepare_sources, run_in_process
+from pipeline.runner import run_in_process
+from pipeline.sources import prepare_sources
 from pipeline.spec import BenchmarkSpec, load_spec, parse_spec
 from pipeline.store import FileStore
 from tests.helpers import plan_of

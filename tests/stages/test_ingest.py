@@ -19,8 +19,7 @@ from PIL import Image
 from pipeline.data import Preprocess, decode_image, read_image_folder, safe_extract, stratified_split
 from pipeline.errors import ConfigError
 from pipeline.plan import build_plan
-from pipeline.runner import prepare_sources
-from pipeline.sources import SKIPPED_MEMBER, folder_to_tar, materialize_source, prepare_source
+from pipeline.sources import SKIPPED_MEMBER, folder_to_tar, materialize_source, prepare_source, prepare_sources
 from pipeline.spec import parse_spec
 from pipeline.stages import execute
 from pipeline.store import FileStore

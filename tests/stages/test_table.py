@@ -21,7 +21,7 @@ import pipeline.stages as stages
 from pipeline.errors import StageError
 from pipeline.hashing import canonical_json, sha256_bytes
 from pipeline.plan import build_plan, children
-from pipeline.runner import prepare_sources
+from pipeline.sources import prepare_sources
 from pipeline.spec import load_spec, parse_spec
 from pipeline.stages.configs import StageConfig
 from pipeline.stages.table import declare
