@@ -25,6 +25,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import quote
 
 import redis
@@ -283,6 +284,9 @@ class Cluster:
         self.broker = broker or RedisServer(data_dir=tmp / "broker", appendonly=True, password=password).start()
         self.workers: list[WorkerProcess] = []
 
+    #: every cluster with workers started and not yet stopped, in this process
+    _live: ClassVar[list[Cluster]] = []
+
     def __enter__(self) -> Cluster:
         return self
 
@@ -300,6 +304,15 @@ class Cluster:
             metrics_port: where it serves Prometheus metrics (``--metrics-port``).
             extra_args: further ``qpipe worker`` options, e.g. ``("--pool", "solo")``.
         """
+        # Workers of two stores on one broker consume the same queues and refuse each other's
+        # stages (a task names its store): a cluster for another store needs a broker of its own.
+        others = {c.store for c in Cluster._live if c is not self and c.broker.url == self.broker.url} - {self.store}
+        if others:
+            raise ValueError(f"Cluster: the broker {self.broker.port} already has workers for {sorted(others)}; "
+                             f"workers for {self.store} would take their tasks: start this cluster without "
+                             "broker= (a broker of its own)")
+        if self not in Cluster._live:
+            Cluster._live.append(self)
         args = [*(("--gpus", gpus) if gpus is not None else ()),
                 *(("--metrics-port", str(metrics_port)) if metrics_port is not None else ()), *extra_args]
         with env_vars(self.env):  # the worker process inherits it
@@ -324,6 +337,8 @@ class Cluster:
             for w in self.workers:
                 w.stop()
         finally:
+            if self in Cluster._live:
+                Cluster._live.remove(self)
             if self._owns_broker:
                 self.broker.stop()
 

@@ -271,10 +271,11 @@ def test_gc_of_the_file_store_twice(embedded):
 # ------------------------------------------------------------------------ an S3 store and workers
 
 @pytest.fixture(scope="module")
-def s3_cluster(broker, s3_env, tmp_path_factory):
-    """Workers for the cpu and gpu queues on the session's broker and S3 server, serving a store
-    of their own: a collection removes every run it may, so it must not see other modules' runs."""
-    with Cluster(tmp_path_factory.mktemp("after-a-run"), "s3://qpipe/after-a-run", broker=broker) as c:
+def s3_cluster(s3_env, tmp_path_factory):
+    """Workers for the cpu and gpu queues on the session's S3 server, serving a store of their
+    own (a collection removes every run it may, so it must not see other modules' runs), on a
+    broker of their own: the session cluster's workers, for another store, would take its tasks."""
+    with Cluster(tmp_path_factory.mktemp("after-a-run"), "s3://qpipe/after-a-run") as c:
         c.worker("cpu")
         c.worker("gpu")
         yield c
@@ -290,7 +291,7 @@ def test_s3_pull_and_gc_with_a_run_in_flight(s3_cluster, tmp_path):
     store = open_store(s3_cluster.store)
     a = client.submit(copy.deepcopy(S3_SPEC))
     first = a.wait(timeout=600)
-    assert first["status"] == "SUCCESS", s3_cluster.logs()
+    assert first["status"] == "SUCCESS", (first.get("failures"), s3_cluster.logs())
     rows = json.loads(ok(qpipe("runs", "--json", *cli)))
     assert [(r["run_id"], r["status"], r["selected"]) for r in rows] == [(a.run_id, "SUCCESS", first["selected"])]
     dest = tmp_path / "a"

@@ -101,13 +101,13 @@ def test_apply_sets_omp_num_threads(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_a_worker_logs_its_thread_decision_at_start(broker, tmp_path):
+def test_a_worker_logs_its_thread_decision_at_start(tmp_path):
     """A real ``qpipe worker`` (no --cpus) runs the quota step before torch is imported and logs
     it: with OMP_NUM_THREADS in its environment, that the user's choice is kept."""
     from tests.helpers import wait_for
     from tests.servers import Cluster
 
-    fleet = Cluster(tmp_path, (tmp_path / "store").as_uri(), {"OMP_NUM_THREADS": "1"}, broker=broker)
+    fleet = Cluster(tmp_path, (tmp_path / "store").as_uri(), {"OMP_NUM_THREADS": "1"})
     try:
         w = fleet.worker("cpu")
         line = wait_for(lambda: next((ln for ln in w.log_path.read_text(errors="replace").splitlines()

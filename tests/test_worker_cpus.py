@@ -21,11 +21,11 @@ POOL_LINE = re.compile(r"pool process 0 \(pid (\d+)\): cpus ([\d,-]+), torch thr
 
 
 @pytest.mark.integration
-def test_a_pinned_worker_and_its_pool_process_run_on_their_cores_with_one_thread_each(broker, tmp_path) -> None:
+def test_a_pinned_worker_and_its_pool_process_run_on_their_cores_with_one_thread_each(tmp_path) -> None:
     cores = sorted(os.sched_getaffinity(0))
     wanted = {"one": [cores[-1]], "all": cores}  # the last core alone, and every core (two threads on 2 cores)
     # an OMP_NUM_THREADS of the worker's environment, which torch would follow, gives way to the pinned cores
-    fleet = Cluster(tmp_path, (tmp_path / "store").as_uri(), {"OMP_NUM_THREADS": "3"}, broker=broker)
+    fleet = Cluster(tmp_path, (tmp_path / "store").as_uri(), {"OMP_NUM_THREADS": "3"})
     try:
         workers = {name: fleet.worker("cpu", extra_args=("--cpus", ",".join(map(str, c))))
                    for name, c in wanted.items()}
