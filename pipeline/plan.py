@@ -59,11 +59,16 @@ def calibration_id(v: StaticVariant) -> str:
     return f"calibrate:{CALIBRATION_STATISTIC[v.observer]}"
 
 
+def activations(v: VariantSpec) -> str | None:
+    """The activation scheme of a variant qpipe converts from a calibration; None for the others."""
+    return v.activations if v.CALIBRATED and v.ENGINE == "qpipe" else None
+
+
 def sensitivity_config(v: VariantSpec, backend: str, arch: str, part: int, parts: int) -> SensitivityConfig:
     """A sensitivity part's config: what decides the int8 model (not the variant's name, so
     variants that convert alike share the parts), and which part of how many."""
     return SensitivityConfig(method=v.method, observer=v.observer, per_channel=v.per_channel, backend=backend,
-                             arch=arch, percentile=v.percentile, part=part, parts=parts,
+                             arch=arch, percentile=v.percentile, activations=activations(v), part=part, parts=parts,
                              latency=v.fallback == "latency")
 
 
@@ -152,7 +157,7 @@ def _arch_nodes(spec: PipelineSpec, sources: dict[str, Any], ingest: dict, arch:
                 config |= {"fallback": v.fallback, "accuracy_budget": b.accuracy_budget}
             producer = _node("quantize", f"quantize:{name}", QuantizeConfig(
                 variant=v.name, method=v.method, observer=v.observer, per_channel=v.per_channel, backend=q.backend,
-                arch=arch, percentile=v.percentile, bias_correction=v.bias_correction,
+                arch=arch, percentile=v.percentile, activations=activations(v), bias_correction=v.bias_correction,
                 export_onnx=v.EXPORTS_ONNX and bool(onnx), **v.engine_options(), **config), inputs, variant=name)
         nodes.append(producer)
         runtimes = v.measured_on(onnx)

@@ -18,6 +18,23 @@ statistics (``histogram``, ``min_val``, ``max_val``), so one calibration serves 
 the range is chosen at conversion (``CALIBRATION_STATISTIC``). Every search is a deterministic
 function of those tensors: the same calibration gives the same int8 model.
 
+Activation schemes (``ACTIVATION_SCHEMES``, chosen at conversion: the statistics are the same):
+
+* ``symmetric`` (the default), the scheme OpenVINO's and NNCF's fast int8 kernels read: a tensor
+  that is never negative (after a ReLU or ReLU6) gets uint8 with zero point 0 over [0, max]; a
+  signed one (a residual sum, a projection, the normalized image) a range symmetric about zero,
+  uint8 with zero point 128, which ``pipeline.runtimes.openvino_model`` writes as int8 with zero
+  point 0 (the same integers minus 128). All 8 bits, as OpenVINO and NNCF use them (torch's x86
+  default keeps 7, ``reduce_range``, for CPUs without VNNI: there, TorchScript's int8 kernels may
+  saturate on large activations; the benchmark measures each served form's top-1).
+* ``asymmetric``: torch's x86 default, uint8 over [min, max] with whatever zero point fits, 7
+  bits. On OpenVINO a convolution reading a zero point other than 0 pays for compensating it
+  (measured: mobilenet_v2's 1x1 convolutions up to 2.5x slower than on the same tensor as int8).
+
+Either way the observer of a conv whose output goes through ReLU6 records the clamped output
+(``_observe_after_relu6``): FX gives ReLU6 its input's observer, which otherwise spends half the
+range on the negative values the ReLU6 removes.
+
 ``correct_bias`` is the optional empirical bias correction applied after conversion.
 """
 
@@ -25,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,7 +50,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.ao.quantization.observer import HistogramObserver
+from torch.ao.quantization.observer import HistogramObserver, ObserverBase
 
 from pipeline.errors import StageError
 from pipeline.spec import CALIBRATION_STATISTIC, DEFAULT_PERCENTILE, OBSERVERS  # the one observer table
@@ -199,6 +217,70 @@ def quiet() -> Iterator[None]:
         yield
 
 
+ACTIVATION_SCHEMES = ("symmetric", "asymmetric")
+DEFAULT_ACTIVATIONS = "symmetric"
+
+
+class _SymmetricIfSigned:
+    """Mixin for an activation observer (before it in the bases): the range it chose, made
+    symmetric about zero when it reaches below zero ([-b, b], b the larger extent: uint8 with
+    zero point 128 on a full 0..255 range); a range that starts at zero keeps zero point 0."""
+
+    def _calculate_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor):
+        if min_val.numel() != 1 or float(min_val) >= 0:
+            return super()._calculate_qparams(min_val, max_val)
+        bound = torch.maximum(-min_val, max_val)
+        scale, zero_point = super()._calculate_qparams(-bound, bound)
+        # the middle of the range, set rather than rounded: b / (2b / 255) may round to 127
+        return scale, zero_point.fill_((self.quant_min + self.quant_max + 1) // 2)
+
+
+@functools.cache
+def _symmetric(observer: type) -> type:
+    """``observer`` with the symmetric scheme (one class per observer, so copies share it)."""
+    return type(f"Symmetric{observer.__name__}", (_SymmetricIfSigned, observer), {"__module__": __name__})
+
+
+@functools.cache
+def _after_relu6(observer: type) -> type:
+    """``observer`` recording ``clamp(x, 0, 6)``: what the ReLU6 that shares it leaves."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        observer.forward(self, x.clamp(0.0, 6.0))
+        return x
+
+    return type(f"AfterRelu6{observer.__name__}", (observer,), {"forward": forward, "__module__": __name__})
+
+
+def _is_relu6(gm: nn.Module, node) -> bool:
+    import torch.nn.functional as F
+
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0)
+    return node.op == "call_function" and node.target in (F.relu6, torch.ops.aten.relu6.default)
+
+
+def _observe_after_relu6(gm: nn.Module) -> int:
+    """Give every observer that a ReLU6 shares with its input (FX's rule for ReLU6: the conv
+    before it is requantized with the ReLU6's scale) the clamped view of what it sees: its range
+    is then [0, max <= 6], zero point 0, instead of the conv output's signed range, half of it
+    cut off by the ReLU6. The int8 model is the same function (quantizing to [0, 6] with zero
+    point 0 saturates as the ReLU6 clamps), with twice the resolution. Returns how many."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if not _is_relu6(gm, node) or not node.args or getattr(node.args[0], "op", None) != "call_module":
+            continue
+        before = gm.get_submodule(node.args[0].target)
+        after = [gm.get_submodule(u.target) for u in node.users if u.op == "call_module"]
+        if not isinstance(before, ObserverBase) or not any(a is before for a in after):
+            continue  # an observer of its own after the ReLU6 already sees the clamped values
+        if not type(before).__name__.startswith("AfterRelu6"):
+            before.__class__ = _after_relu6(type(before))
+            changed += 1
+    return changed
+
+
 def set_engine(backend: str) -> None:
     if backend not in torch.backends.quantized.supported_engines:
         raise StageError(f"quantized engine {backend!r} is not available in this torch build "
@@ -206,7 +288,8 @@ def set_engine(backend: str) -> None:
     torch.backends.quantized.engine = backend
 
 
-def _qconfig(observer: str, per_channel: bool, backend: str, percentile: float | None = None):
+def _qconfig(observer: str, per_channel: bool, backend: str, percentile: float | None = None,
+             activations: str = DEFAULT_ACTIVATIONS):
     from torch.ao.quantization import (
         MinMaxObserver,
         MovingAverageMinMaxObserver,
@@ -218,7 +301,12 @@ def _qconfig(observer: str, per_channel: bool, backend: str, percentile: float |
         raise StageError(f"unknown observer {observer!r}: use one of {', '.join(OBSERVERS)}")
     if percentile is not None and observer != "percentile":
         raise StageError(f"percentile={percentile} only applies to the percentile observer, not {observer!r}")
-    reduce_range = backend == "x86"  # what torch's own x86 default does for activations
+    if activations not in ACTIVATION_SCHEMES:
+        raise StageError(f"unknown activation scheme {activations!r}: use one of {', '.join(ACTIVATION_SCHEMES)}")
+    symmetric = activations == "symmetric"
+    # torch's own x86 default keeps 7 bits of activation (reduce_range); the symmetric scheme
+    # uses all 8, as OpenVINO's kernels do: zero point 128 must be the middle of the range
+    reduce_range = backend == "x86" and not symmetric
     activation = {
         "minmax": MinMaxObserver,
         "moving_average_minmax": MovingAverageMinMaxObserver,
@@ -234,7 +322,7 @@ def _qconfig(observer: str, per_channel: bool, backend: str, percentile: float |
         weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
     else:
         weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
-    return QConfig(activation=activation.with_args(**args), weight=weight)
+    return QConfig(activation=(_symmetric(activation) if symmetric else activation).with_args(**args), weight=weight)
 
 
 def _prepare(fn, model: nn.Module, mapping, example: tuple[torch.Tensor, ...], arch: str) -> nn.Module:
@@ -242,26 +330,29 @@ def _prepare(fn, model: nn.Module, mapping, example: tuple[torch.Tensor, ...], a
 
     try:
         with quiet():
-            return fn(model, mapping, example)
+            prepared = fn(model, mapping, example)
     except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, AssertionError, RuntimeError) as err:
         raise StageError(
             f"{arch} cannot be prepared for int8 by {ENGINE}: {type(err).__name__}: {str(err)[:400]}. "
             "Supported archs are listed in the README (resnet, mobilenet_v2/v3, efficientnet, regnet, "
             "convnext); use one of them or a dynamic-only variant") from None
+    _observe_after_relu6(prepared)
+    return prepared
 
 
 def prepare_static(model: nn.Module, example: tuple[torch.Tensor, ...], *, observer: str,
-                   per_channel: bool, backend: str, arch: str, percentile: float | None = None) -> nn.Module:
+                   per_channel: bool, backend: str, arch: str, percentile: float | None = None,
+                   activations: str = DEFAULT_ACTIVATIONS) -> nn.Module:
     """An observed copy of ``model`` (eval mode) ready for calibration. To calibrate for several
     observers at once, calibrate with ``CALIBRATION_STATISTIC[observer]``: the statistics are the
-    same, only the range chosen from them at conversion differs."""
+    same, only the range chosen from them at conversion differs (and the activation scheme)."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     set_engine(backend)
     with quiet():
         mapping = get_default_qconfig_mapping(backend).set_global(
-            _qconfig(observer, per_channel, backend, percentile))
+            _qconfig(observer, per_channel, backend, percentile, activations))
     return _prepare(prepare_fx, copy.deepcopy(model).eval(), mapping, example, arch)
 
 
@@ -272,18 +363,18 @@ def observer_state(observed: nn.Module) -> dict[str, torch.Tensor]:
 
 def calibrated(model: nn.Module, example: tuple[torch.Tensor, ...], observers: dict[str, torch.Tensor], *,
                observer: str, per_channel: bool, backend: str, arch: str,
-               percentile: float | None = None) -> nn.Module:
+               percentile: float | None = None, activations: str = DEFAULT_ACTIVATIONS) -> nn.Module:
     """Rebuild the observed graph of ``model`` and load stored observer statistics (recorded by
     an observer with the same ``CALIBRATION_STATISTIC``): ready for ``convert_calibrated``."""
     observed = prepare_static(model, example, observer=observer, per_channel=per_channel, backend=backend,
-                              arch=arch, percentile=percentile)
+                              arch=arch, percentile=percentile, activations=activations)
     expected = {k for k in observed.state_dict() if OBSERVER_KEY in k}
     if expected != set(observers):
         raise StageError("the stored calibration does not match the model's observers "
                          f"({len(expected ^ set(observers))} differ): recalibrate")
     with quiet():
         observed.load_state_dict(observers, strict=False)
-    observed.qpipe_qconfig = (observer, per_channel, backend, percentile)  # what convert_calibrated reuses
+    observed.qpipe_qconfig = (observer, per_channel, backend, percentile, activations)  # convert_calibrated's
     return observed
 
 
@@ -292,9 +383,8 @@ def static_mapping(observed: nn.Module, keep_fp32: Sequence[str] = ()):
     ``keep_fp32`` (a conv or linear layer's module name in the fp32 model) set to stay fp32."""
     from torch.ao.quantization import get_default_qconfig_mapping
 
-    observer, per_channel, backend, percentile = observed.qpipe_qconfig
     with quiet():
-        mapping = get_default_qconfig_mapping(backend).set_global(_qconfig(observer, per_channel, backend, percentile))
+        mapping = get_default_qconfig_mapping(observed.qpipe_qconfig[2]).set_global(_qconfig(*observed.qpipe_qconfig))
     for name in keep_fp32:
         mapping.set_module_name(name, None)
     return mapping
@@ -328,11 +418,12 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 def convert_static(model: nn.Module, example: tuple[torch.Tensor, ...], observers: dict[str, torch.Tensor], *,
                    observer: str, per_channel: bool, backend: str, arch: str,
-                   percentile: float | None = None, keep_fp32: Sequence[str] = ()) -> nn.Module:
+                   percentile: float | None = None, keep_fp32: Sequence[str] = (),
+                   activations: str = DEFAULT_ACTIVATIONS) -> nn.Module:
     """Rebuild the observed graph, load stored observer statistics, choose each activation's
-    range with ``observer`` and convert to int8 (``keep_fp32``: layers left in fp32)."""
+    range with ``observer`` and ``activations`` and convert to int8 (``keep_fp32``: layers left in fp32)."""
     observed = calibrated(model, example, observers, observer=observer, per_channel=per_channel,
-                          backend=backend, arch=arch, percentile=percentile)
+                          backend=backend, arch=arch, percentile=percentile, activations=activations)
     return convert_calibrated(observed, keep_fp32)
 
 

@@ -570,6 +570,36 @@ def _fold_activations(g: _QdqGraph) -> int:
     return folded
 
 
+def _signed_as_int8(g: _QdqGraph) -> int:
+    """A per-tensor uint8 activation quantizer with zero point 128 (the symmetric scheme's
+    signed tensors, ``pipeline.quant``), read only by DequantizeLinear nodes of the same
+    parameters, becomes int8 with zero point 0: the same integers minus 128, exact. OpenVINO
+    takes a uint8 input with a zero point as asymmetric and compensates it in every convolution
+    that reads it; as int8 it runs the kernels NNCF's symmetric models get. ONNX Runtime's
+    x86 kernels prefer uint8, so only the OpenVINO runner applies this (``openvino_model``)."""
+    import numpy as np
+
+    changed, retyped = 0, set()
+    zero = None
+    for q in list(g.graph.node):
+        params = g.per_tensor(q) if q.op_type == "QuantizeLinear" and q.input[0] not in g.constants else None
+        if params is None or params[2] != np.uint8 or params[1] != 128 or q.output[0] in g.outputs:
+            continue
+        readers = g.read_only_by(q.output[0])
+        if not readers or any(r.op_type != "DequantizeLinear" or g.qparams(r) != g.qparams(q) for r in readers):
+            continue
+        zero = zero or g.constant("int8_zero_point", np.array(0, dtype=np.int8))
+        for node in (q, *readers):
+            node.input[2] = zero
+        retyped.add(q.output[0])
+        changed += 1
+    kept = [v for v in g.graph.value_info if v.name not in retyped]  # the exporter's uint8 type annotations
+    del g.graph.value_info[:]
+    g.graph.value_info.extend(kept)
+    g.prune()
+    return changed
+
+
 def _make_node(op: str, inputs: list[str], output: str) -> Any:
     from onnx import helper
 
@@ -587,8 +617,9 @@ def place_quantizers(model: Any, *, fold_activations: bool = False) -> dict[str,
     (``_quantized_passthrough``) and each ReLU/ReLU6 between two equal quantizations turned into
     one quantization and an integer clamp (``_clamp_in_int8``).
 
-    ``fold_activations`` also removes the requantization between a layer and its activation
-    (``_fold_activations``): what OpenVINO fuses, not exact, and slower on ONNX Runtime.
+    ``fold_activations`` (OpenVINO's form) also removes the requantization between a layer and
+    its activation (``_fold_activations``): what OpenVINO fuses, not exact, and slower on ONNX
+    Runtime; and writes signed uint8 tensors with zero point 128 as int8 (``_signed_as_int8``, exact).
 
     A graph with subgraphs (If, Loop: tensors read from inside them are not tracked) is left as
     it is; qpipe's exports have none."""
@@ -601,6 +632,7 @@ def place_quantizers(model: Any, *, fold_activations: bool = False) -> dict[str,
               "passthrough": _quantized_passthrough(g), "int8_clamps": _clamp_in_int8(g)}
     if fold_activations:
         counts["folded_activations"] = _fold_activations(g)
+        counts["signed_int8"] = _signed_as_int8(g)
     counts["requantizations"] += _drop_requantization(g)
     return counts
 

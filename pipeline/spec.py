@@ -235,6 +235,8 @@ class _Variant(_Strict):
         out = {**UNSET_OPTIONS, **handler(self)}
         if out.get("engine") == "qpipe":  # qpipe's own engine dumps as it did before engines existed
             del out["engine"]
+        if out.get("activations") == "symmetric":  # and the default scheme as before it was an option
+            del out["activations"]
         return out
 
 
@@ -292,6 +294,9 @@ class StaticVariant(_Variant):
         "qpipe", description="static only: who quantizes: qpipe (torch.ao, from a stored calibration), nncf or "
         "onnxruntime (that engine's post-training quantization, with its own options)")
     observer: Observer = "histogram"
+    activations: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="static only: symmetric (NNCF's performance preset: zero point 0, int8 for signed "
+        "tensors; what OpenVINO's fastest kernels read) or asymmetric (torch's x86 default: any zero point, 7 bits)")
     percentile: float | None = Field(
         None, gt=50.0, le=100.0, description="observer: percentile clips activations to this percentile "
         "(and the bottom to 100 minus it); 99.99 by default")

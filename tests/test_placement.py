@@ -119,13 +119,13 @@ def run_as_written(path: Path, images: torch.Tensor) -> torch.Tensor:
 def test_mobilenet_v2_export_has_one_quantizer_per_quantized_tensor(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The FX int8 MobileNetV2 quantizes the input, every conv's output (ReLU6 included), every
-    residual add's output, the pooled features, the classifier's input (an eval-mode Dropout
-    has its own observer in FX, so the classifier reads a requantized copy) and the logits: one
-    QuantizeLinear each, and no more. The graph as FX writes it has one more per ReLU6 (a
-    Q -> DQ -> Clip -> Q chain with one scale) and one after the flatten, with the scale the
-    pooled features already had: 102 at full width. Placement keeps every integer: the file's
-    logits, run as written, are those of the graph FX wrote, on inputs well outside the
-    calibrated range too."""
+    residual add's output, the pooled features and the logits: one QuantizeLinear each, and no
+    more. The graph as FX writes it has one more per ReLU6 (a Q -> DQ -> Clip -> Q chain with one
+    scale) and two after the pooling (the flatten's, and an eval-mode Dropout's own observer in
+    FX), with the parameters the pooled features already had: 102 at full width. Each ReLU6's range is [0, at
+    most 6] (its observer records the clamped values), so its clamp is the integer type's own
+    and no Clip is left. Placement keeps every integer: the file's logits, run as written, are
+    those of the graph FX wrote, on inputs well outside the calibrated range too."""
     model = torchvision_model("mobilenet_v2", width_mult=0.25)
     relu6 = sum(isinstance(m, nn.ReLU6) for m in model.modules())
     observed = calibrate(model, "mobilenet_v2")
@@ -141,7 +141,7 @@ def test_mobilenet_v2_export_has_one_quantizer_per_quantized_tensor(tmp_path: Pa
     path = runtimes.export_onnx_qdq(observed, (torch.zeros(1, 3, SIZE, SIZE),), tmp_path / "placed.onnx")
     g = Graph(path)
 
-    quantized_tensors = 1 + g.ops["Conv"] + g.ops["Gemm"] + g.ops["Add"] + g.ops["ReduceMean"] + 1
+    quantized_tensors = 1 + g.ops["Conv"] + g.ops["Gemm"] + g.ops["Add"] + g.ops["ReduceMean"]
     assert (relu6, g.ops["Conv"]) == (35, 52), g.ops
     assert g.ops["QuantizeLinear"] == quantized_tensors, g.ops
     quantized = [n.input[0] for n in g.nodes if n.op_type == "QuantizeLinear"]
@@ -154,12 +154,77 @@ def test_mobilenet_v2_export_has_one_quantizer_per_quantized_tensor(tmp_path: Pa
         if n.op_type in ("Clip", "Relu"):  # ReLU6 clamps the integers: no Q -> DQ -> Clip -> Q chain
             assert g.made_by(n.input[0]) == "QuantizeLinear", f"{n.name} reads {g.made_by(n.input[0])}"
             assert int(g.constants[g.producer[n.input[0]].input[2]]) == 0, f"{n.name}: zero point not at its floor"
-    assert g.ops["Clip"] <= relu6
+    assert g.ops["Clip"] == 0, g.ops
 
     before = Graph(as_fx_wrote_it)
-    assert before.ops["QuantizeLinear"] == quantized_tensors + relu6 + 1, before.ops
+    assert before.ops["QuantizeLinear"] == quantized_tensors + relu6 + 2, before.ops  # + the flatten's and Dropout's
     images = 3 * torch.randn(64, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED + 1))
     assert torch.equal(run_as_written(path, images), run_as_written(as_fx_wrote_it, images))
+
+
+def activation_observers(observed: nn.Module) -> dict[str, nn.Module]:
+    from torch.ao.quantization.observer import ObserverBase
+
+    return {name: m for name, m in observed.named_modules() if isinstance(m, ObserverBase)
+            and "activation_post_process" in name and hasattr(m, "min_val") and m.min_val.numel() == 1}
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_relu6_ranges_start_at_zero_and_signed_tensors_are_symmetric(scheme: str) -> None:
+    """The observer a ReLU6 shares with the conv before it records the clamped values: its range
+    is [0, at most 6] with zero point 0 under both schemes (FX's shared observer would otherwise
+    take the conv's signed output, half the levels spent on what the ReLU6 removes). Under the
+    symmetric scheme every signed tensor gets zero point 128 on the full 8 bits, the middle of
+    the range; under the asymmetric one, torch's x86 default: any zero point, 7 bits."""
+    model = torchvision_model("mobilenet_v2", width_mult=0.25)
+    observed = calibrate(model, "mobilenet_v2") if scheme == "symmetric" else calibrate_with(model, scheme)
+    observers = activation_observers(observed)
+    after_relu6 = {k: m for k, m in observers.items() if type(m).__name__.startswith("AfterRelu6")}
+    assert len({id(m) for m in after_relu6.values()}) == sum(isinstance(m, nn.ReLU6) for m in model.modules()) == 35
+    for name, m in after_relu6.items():
+        scale, zero_point = m.calculate_qparams()
+        assert 0.0 <= float(m.min_val) and float(m.max_val) <= 6.0, name
+        assert int(zero_point) == 0 and m.quant_max == (255 if scheme == "symmetric" else 127), name
+    signed = {k: m for k, m in observers.items() if float(m.min_val) < 0}
+    assert len(signed) >= 10  # the input, the projections, the residual sums
+    for name, m in signed.items():
+        scale, zero_point = m.calculate_qparams()
+        if scheme == "symmetric":
+            bound = max(-float(m.min_val), float(m.max_val))
+            assert int(zero_point) == 128 and float(scale) == pytest.approx(2 * bound / 255, rel=1e-5), name
+        else:
+            assert m.quant_max == 127 and int(zero_point) != 128, name
+
+
+def calibrate_with(model: nn.Module, activations: str) -> nn.Module:
+    """``calibrate`` with another activation scheme (the same statistics, other parameters)."""
+    observed = calibrate(model, "mobilenet_v2")
+    example = (torch.zeros(1, 3, SIZE, SIZE),)
+    return calibrated(model, example, observer_state(observed), observer="minmax", per_channel=True,
+                      backend="x86", arch="mobilenet_v2", activations=activations)
+
+
+def test_openvino_form_reads_signed_tensors_as_int8_with_the_same_integers(tmp_path: Path) -> None:
+    """The symmetric scheme's signed tensors (uint8, zero point 128) become int8 with zero point
+    0 in the model OpenVINO's runner serves, so no convolution there reads a zero point; the
+    rewrite is exact: run as written, the logits are the file's, bit for bit."""
+    import onnx
+
+    observed = calibrate(torchvision_model("mobilenet_v2", width_mult=0.25), "mobilenet_v2")
+    path = runtimes.export_onnx_qdq(observed, (torch.zeros(1, 3, SIZE, SIZE),), tmp_path / "m.onnx")
+    form = onnx.load(str(path))
+    counts = runtimes.place_quantizers(form, fold_activations=True)
+    onnx.save(form, str(tmp_path / "openvino.onnx"))
+    f, g = Graph(tmp_path / "openvino.onnx"), Graph(path)
+    assert counts["folded_activations"] == 0 and counts["signed_int8"] >= g.ops["Add"] + 1, counts
+    activation_q = [n for n in f.nodes if n.op_type == "QuantizeLinear" and n.input[0] not in f.constants]
+    assert len(activation_q) == g.ops["QuantizeLinear"]
+    zero_points = [f.constants[n.input[2]] for n in activation_q]
+    assert all(int(z) == 0 for z in zero_points), [(n.name, int(z)) for n, z in
+                                                   zip(activation_q, zero_points, strict=True)]
+    assert sum(z.dtype.name == "int8" for z in zero_points) == counts["signed_int8"]
+    images = 3 * torch.randn(64, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED + 2))
+    assert torch.equal(run_as_written(tmp_path / "openvino.onnx", images), run_as_written(path, images))
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "silu_se_block"])

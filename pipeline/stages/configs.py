@@ -87,7 +87,7 @@ class CalibrateConfig(StageConfig):
 class ConvertConfig(StageConfig):
     """What decides a static or dynamic int8 model; shared by quantize and its sensitivity parts."""
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"percentile"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"percentile", "activations"})
 
     method: Literal["static", "dynamic"]
     observer: str | None  # None for dynamic
@@ -95,6 +95,7 @@ class ConvertConfig(StageConfig):
     backend: str
     arch: str
     percentile: float | None = None
+    activations: Literal["symmetric", "asymmetric"] | None = None  # static: pipeline.quant.ACTIVATION_SCHEMES
 
 
 class SensitivityConfig(ConvertConfig):

@@ -26,7 +26,8 @@ def calibrated_model(ctx: StageContext, cfg: ConvertConfig, inputs: dict):
     path = ctx.fetch(inputs["calibration"]["outputs"]["observers"], "observers.pt")
     observed = calibrated(model, example_input(data), torch.load(path, weights_only=True),
                           observer=cfg.observer, per_channel=cfg.per_channel, backend=cfg.backend,
-                          arch=cfg.arch, percentile=cfg.percentile)
+                          arch=cfg.arch, percentile=cfg.percentile,
+                          activations=cfg.activations or "asymmetric")  # None: a node planned before the option
     return model, observed
 
 

@@ -97,9 +97,9 @@ def declare(*defs: StageDef) -> dict[str, StageDef]:
 STAGES: dict[str, StageDef] = declare(
     StageDef("ingest", 1, "cpu", IngestConfig, "pipeline.stages.ingest:ingest"),
     StageDef("finetune", 1, "gpu", FinetuneConfig, "pipeline.stages.finetune:finetune"),
-    StageDef("calibrate", 1, "cpu", CalibrateConfig, "pipeline.stages.calibrate:calibrate"),
-    StageDef("sensitivity", 1, "cpu", SensitivityConfig, "pipeline.stages.sensitivity:sensitivity"),
-    StageDef("quantize", 1, "cpu", QuantizeConfig, "pipeline.stages.quantize:quantize"),
+    StageDef("calibrate", 2, "cpu", CalibrateConfig, "pipeline.stages.calibrate:calibrate"),
+    StageDef("sensitivity", 2, "cpu", SensitivityConfig, "pipeline.stages.sensitivity:sensitivity"),
+    StageDef("quantize", 2, "cpu", QuantizeConfig, "pipeline.stages.quantize:quantize"),
     StageDef("qat", 1, "gpu", QatConfig, "pipeline.stages.qat:qat"),
     StageDef("benchmark", 3, "cpu", BenchmarkConfig, "pipeline.stages.benchmark:benchmark"),
     StageDef("report", 2, "cpu", ReportConfig, "pipeline.stages.report:report", role="join"),

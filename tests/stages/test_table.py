@@ -124,41 +124,43 @@ def test_the_table_and_planning_import_no_torch() -> None:
 # Content keys are a stored format: a stage's stored result is found again by its key, so a change
 # in how configs are built or serialised must leave every key where it was. These were computed
 # before the configs became typed; a key that moves means every stored result is recomputed.
+# "v2 stages": calibrate, sensitivity and quantize at version 2 (ReLU6 ranges from the clamped
+# values, the symmetric activation scheme keyed, the export's quantizer placement).
 EXAMPLE_KEYS = {
     "ingest": "beff7e89acb2c2eb16885fb5c15c75c1",
     "finetune": "1c7a119f2ae3f331b77131196a36f87e",
-    "calibrate:minmax": "5be2938b5601ac9b19a787124c1e214e",
-    "calibrate:histogram": "dcd390467c5f834830285a98b3fa5830",
-    "sensitivity:ptq-minmax:0": "d30dc195c72446ca4600af5747400b08",
-    "sensitivity:ptq-minmax:1": "bbaac093bf30b46eea0258678cb337ec",
-    "sensitivity:ptq-minmax:2": "1a840cdefbb9553163b4a9327b04b1ea",
-    "sensitivity:ptq-minmax:3": "84615e97a3bb1c36754d659dbfccc774",
-    "quantize:ptq-minmax": "8dc75e25e445210444bf69c50a4617d0",
-    "quantize:ptq-histogram": "80a5a7b30d722d377cc1c28cdc6ca6cc",
-    "quantize:dynamic": "99f98fb8808bf9bd1f9eceb60984bc6a",
+    "calibrate:minmax": "9a1b8b7aa1ff6075e799f49f5fdf6559",  # moved: v2 stages
+    "calibrate:histogram": "7cbe050ab0433e391908d59d39c984de",  # moved: v2 stages
+    "sensitivity:ptq-minmax:0": "4eb08c18143594b6c349c45b2b139f97",  # moved: v2 stages
+    "sensitivity:ptq-minmax:1": "00ee72190bdafbcb5da573bd90ae4e71",  # moved: v2 stages
+    "sensitivity:ptq-minmax:2": "d143326e878c2d0b8c3b1c120e6721e4",  # moved: v2 stages
+    "sensitivity:ptq-minmax:3": "86937bd1fd7d91059f17b4c2c13464d9",  # moved: v2 stages
+    "quantize:ptq-minmax": "6070bad2e2a63c89edc6e414eaee7d79",  # moved: v2 stages
+    "quantize:ptq-histogram": "a13655b85ebc0ea8f13294dd3ae967b2",  # moved: v2 stages
+    "quantize:dynamic": "7d8fa6941f91831611a7234b1dacdfa0",  # moved: v2 stages
     "qat:qat": "f9af0a295d468b20b5ae3053f26c0298",  # moved: QAT exports ONNX QDQ for the ONNX runtimes
     "benchmark:fp32": "8de507e2155c3037bdd6f64973254d33",  # moved: fp32 also runs on the ONNX runtimes
-    "benchmark:ptq-minmax": "e3e6147a98a68f274137bd3b2c0867d3",
-    "benchmark:ptq-histogram": "8e0f5c1ed1b53af52a69b13fac169745",
-    "benchmark:dynamic": "7c3f3bc8628dd1be1252b3edb7c56ea0",
+    "benchmark:ptq-minmax": "a4e2c115e6dbeff3797ee27a765be2ee",  # moved: v2 stages
+    "benchmark:ptq-histogram": "7cce198f19dad9b1023a534b28f230e4",  # moved: v2 stages
+    "benchmark:dynamic": "1e6b9111283c84e7afa17f96e6f4d123",  # moved: v2 stages
     "benchmark:qat": "8e94f0302e92b52417c1d774c1b3b28d",  # moved: QAT measured on the ONNX runtimes too
-    "report": "4996dd2eb3ebe6c63968678070abaf73",  # moved with benchmark:fp32 and benchmark:qat, its inputs
+    "report": "6690f28e970b189927dbd7b2fe863b87",  # moved: v2 stages
 }
 SMALL_KEYS = {
     "ingest": "8e2095dd6c6bef03acd86a89c68858a2",
     "finetune": "0f46907e8203b999914574610d83cbff",
-    "calibrate:minmax": "15c4c1d1e79e0e2bbf80662a86ab0dfd",
-    "calibrate:histogram": "e5ec590f918ef05359fad6aa740dae7a",
-    "quantize:ptq-minmax": "62430acfda96ce393bec234d17059c3e",
-    "quantize:ptq-histogram": "2ccb3b0d34fbeffc5afba12a88ac70f9",
-    "quantize:dynamic": "641f1697cdc6aab08d9a6db69b975ac9",
+    "calibrate:minmax": "6c83c0e13faf242279e76201bbd69d30",  # moved: v2 stages
+    "calibrate:histogram": "1abfd05a9f6b7ced4debaf3c3f792350",  # moved: v2 stages
+    "quantize:ptq-minmax": "b4196a6e30701da034aa2a18b067f35a",  # moved: v2 stages
+    "quantize:ptq-histogram": "3122555f41faddf690b394033ce212e6",  # moved: v2 stages
+    "quantize:dynamic": "96dc274ac414aef817cfdcb7f99c7ee7",  # moved: v2 stages
     "qat:qat": "1d2f00f83e22156aa58ed2976aa57b14",
     "benchmark:fp32": "2a2d0d65211b429d5512d1d0cbed1562",
-    "benchmark:ptq-minmax": "6f39d805e68f1f35146402805048e0a7",
-    "benchmark:ptq-histogram": "6b9f348b79377b52a643015356fe5f43",
-    "benchmark:dynamic": "c6f5ee3383b1186f0c85b67174db3628",
+    "benchmark:ptq-minmax": "f309b59168c902cfc2a8467bc904e6b9",  # moved: v2 stages
+    "benchmark:ptq-histogram": "beccb7dae249ad536f1e6226659b58cb",  # moved: v2 stages
+    "benchmark:dynamic": "cc7f5c0aeb731facb8cdc5f0047fe152",  # moved: v2 stages
     "benchmark:qat": "cf80a8d12e97b0531104b452fe511c9a",
-    "report": "63ed97e83aab395a91426f92036205de",
+    "report": "78c001eacab47bd916a02af59156e001",  # moved: v2 stages
 }
 
 
@@ -184,7 +186,7 @@ def test_content_keys_are_unchanged() -> None:
     assert len(sweep) == 36
     # moved with the QAT nodes, their benchmarks and the report: QAT exports ONNX QDQ for the ONNX runtimes
     assert sha256_bytes(canonical_json(sweep).encode()) == \
-        "8799ccbc136fda153e27028e727d805cce4e14be7fa2afb60cca97fb6f27a01a"
+        "88aa21c52803b2439f22e1cb4fd7d09ef892ff9d95f53b54dc573206907337ab"
 
 
 def test_every_node_config_parses_into_its_stage_type() -> None:
