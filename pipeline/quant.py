@@ -33,7 +33,8 @@ Activation schemes (``ACTIVATION_SCHEMES``, chosen at conversion: the statistics
 
 Either way the observer of a conv whose output goes through ReLU6 records the clamped output
 (``_observe_after_relu6``): FX gives ReLU6 its input's observer, which otherwise spends half the
-range on the negative values the ReLU6 removes.
+range on the negative values the ReLU6 removes. ``prepare_qat`` takes the same schemes (symmetric
+by default), so QAT models are served on OpenVINO in the same form.
 
 ``correct_bias`` is the optional empirical bias correction applied after conversion.
 """
@@ -50,6 +51,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.ao.quantization.fake_quantize import FakeQuantize
 from torch.ao.quantization.observer import HistogramObserver, ObserverBase
 
 from pipeline.errors import StageError
@@ -263,7 +265,8 @@ def _is_relu6(gm: nn.Module, node) -> bool:
 
 def _observe_after_relu6(gm: nn.Module) -> int:
     """Give every observer that a ReLU6 shares with its input (FX's rule for ReLU6: the conv
-    before it is requantized with the ReLU6's scale) the clamped view of what it sees: its range
+    before it is requantized with the ReLU6's scale; in QAT, the observer of the unfused
+    fake-quantizer it shares) the clamped view of what it sees: its range
     is then [0, max <= 6], zero point 0, instead of the conv output's signed range, half of it
     cut off by the ReLU6. The int8 model is the same function (quantizing to [0, 6] with zero
     point 0 saturates as the ReLU6 clamps), with twice the resolution. Returns how many."""
@@ -273,9 +276,11 @@ def _observe_after_relu6(gm: nn.Module) -> int:
             continue
         before = gm.get_submodule(node.args[0].target)
         after = [gm.get_submodule(u.target) for u in node.users if u.op == "call_module"]
-        if not isinstance(before, ObserverBase) or not any(a is before for a in after):
+        if not any(a is before for a in after):
             continue  # an observer of its own after the ReLU6 already sees the clamped values
-        if not type(before).__name__.startswith("AfterRelu6"):
+        if type(before) is FakeQuantize:  # QAT: the observer inside the fake-quantizer
+            before = before.activation_post_process
+        if isinstance(before, ObserverBase) and not type(before).__name__.startswith("AfterRelu6"):
             before.__class__ = _after_relu6(type(before))
             changed += 1
     return changed
@@ -576,14 +581,31 @@ def quantize_dynamic(model: nn.Module, example: tuple[torch.Tensor, ...], *, bac
         return convert_fx(observed)
 
 
-def prepare_qat(model: nn.Module, example: tuple[torch.Tensor, ...], *, backend: str, arch: str) -> nn.Module:
-    """A fake-quantized copy of ``model`` in train mode for quantization-aware training."""
-    from torch.ao.quantization import get_default_qat_qconfig_mapping
+def prepare_qat(model: nn.Module, example: tuple[torch.Tensor, ...], *, backend: str, arch: str,
+                activations: str = DEFAULT_ACTIVATIONS) -> nn.Module:
+    """A fake-quantized copy of ``model`` in train mode for quantization-aware training, with
+    the ``activations`` scheme (``ACTIVATION_SCHEMES``; asymmetric: torch's default QAT qconfig).
+    The symmetric scheme's activation fake-quantizers are torch's unfused ``FakeQuantize`` around
+    a moving-average observer, since the fused one computes its parameters in its own kernel."""
+    from torch.ao.quantization import (
+        FakeQuantize,
+        MovingAverageMinMaxObserver,
+        QConfig,
+        get_default_qat_qconfig,
+        get_default_qat_qconfig_mapping,
+    )
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
+    if activations not in ACTIVATION_SCHEMES:
+        raise StageError(f"unknown activation scheme {activations!r}: use one of {', '.join(ACTIVATION_SCHEMES)}")
     set_engine(backend)
     with quiet():
         mapping = get_default_qat_qconfig_mapping(backend)
+        if activations == "symmetric":
+            fake_quant = FakeQuantize.with_args(observer=_symmetric(MovingAverageMinMaxObserver), quant_min=0,
+                                                quant_max=255, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+                                                reduce_range=False)
+            mapping.set_global(QConfig(activation=fake_quant, weight=get_default_qat_qconfig(backend).weight))
     return _prepare(prepare_qat_fx, copy.deepcopy(model).train(), mapping, example, arch)
 
 

@@ -193,6 +193,9 @@ class _Variant(_Strict):
         _refuse_other_engines_options(cls, name, given)
         if "observer" in given:
             raise ValueError(f"observer is only used by method: static (variant {name!r} is {method}): remove it")
+        if "activations" in given:
+            raise ValueError(f"activations is an option of method: static (variant {name!r} is {method}; QAT "
+                             "trains with the symmetric scheme): remove it")
         if "percentile" in given:
             raise ValueError(f"percentile only applies to observer: percentile (variant {name!r} uses no observer): "
                              "remove it or set observer: percentile")
@@ -243,7 +246,7 @@ class _Variant(_Strict):
 # every method-specific option, with the value it reads as on a variant of another method
 UNSET_OPTIONS: dict[str, Any] = {"observer": None, "percentile": None, "bias_correction": False,
                                  "sensitivity": False, "fallback": "none", "epochs": None, "lr": None,
-                                 "batch_size": None}
+                                 "batch_size": None, "activations": "symmetric"}
 # the engine of a static variant and each engine's options, with the value they read as on a variant
 # that has none; dumped only by the variants that have them (engines came after spec digests)
 ENGINE_OPTIONS: dict[str, Any] = {"engine": "qpipe", "preset": None, "fast_bias_correction": None,

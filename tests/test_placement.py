@@ -196,6 +196,45 @@ def test_relu6_ranges_start_at_zero_and_signed_tensors_are_symmetric(scheme: str
             assert m.quant_max == 127 and int(zero_point) != 128, name
 
 
+def test_qat_trains_with_the_same_ranges_and_is_served_as_int8_without_zero_points(tmp_path: Path) -> None:
+    """A QAT model gets the symmetric scheme too: after a few training steps its ReLU6
+    fake-quantizers' ranges start at zero (the observer inside records the clamped values) and
+    its signed tensors sit at zero point 128; exported, the OpenVINO form reads every activation
+    with zero point 0."""
+    import onnx
+    from torch.ao.quantization.fake_quantize import FakeQuantize
+
+    from pipeline.quant import prepare_qat
+
+    model = torchvision_model("mobilenet_v2", width_mult=0.25)
+    gen = torch.Generator().manual_seed(SEED)
+    prepared = prepare_qat(model, (torch.zeros(1, 3, SIZE, SIZE),), backend="x86", arch="mobilenet_v2")
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(prepared(torch.randn(16, 3, SIZE, SIZE, generator=gen)),
+                                           torch.randint(0, 10, (16,), generator=gen))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    fake_quants = {n: m for n, m in prepared.named_modules() if type(m) is FakeQuantize}
+    after_relu6 = {n: m for n, m in fake_quants.items()
+                   if type(m.activation_post_process).__name__.startswith("AfterRelu6")}
+    assert len({id(m) for m in after_relu6.values()}) == 35
+    for name, m in after_relu6.items():
+        assert float(m.activation_post_process.min_val) >= 0.0 and int(m.zero_point) == 0, name
+    signed = [m for m in fake_quants.values() if float(m.activation_post_process.min_val) < 0]
+    assert signed and all(int(m.zero_point) == 128 for m in signed)
+
+    path = runtimes.export_onnx_qdq(prepared.eval(), (torch.zeros(1, 3, SIZE, SIZE),), tmp_path / "qat.onnx")
+    form = onnx.load(str(path))
+    counts = runtimes.place_quantizers(form, fold_activations=True)
+    onnx.save(form, str(tmp_path / "openvino.onnx"))
+    f = Graph(tmp_path / "openvino.onnx")
+    zero_points = [f.constants[n.input[2]] for n in f.nodes if n.op_type == "QuantizeLinear"
+                   and n.input[0] not in f.constants]
+    assert counts["signed_int8"] == len(signed) and all(int(z) == 0 for z in zero_points), counts  # one each
+
+
 def calibrate_with(model: nn.Module, activations: str) -> nn.Module:
     """``calibrate`` with another activation scheme (the same statistics, other parameters)."""
     observed = calibrate(model, "mobilenet_v2")

@@ -100,7 +100,7 @@ STAGES: dict[str, StageDef] = declare(
     StageDef("calibrate", 2, "cpu", CalibrateConfig, "pipeline.stages.calibrate:calibrate"),
     StageDef("sensitivity", 2, "cpu", SensitivityConfig, "pipeline.stages.sensitivity:sensitivity"),
     StageDef("quantize", 2, "cpu", QuantizeConfig, "pipeline.stages.quantize:quantize"),
-    StageDef("qat", 1, "gpu", QatConfig, "pipeline.stages.qat:qat"),
+    StageDef("qat", 2, "gpu", QatConfig, "pipeline.stages.qat:qat"),
     StageDef("benchmark", 3, "cpu", BenchmarkConfig, "pipeline.stages.benchmark:benchmark"),
     StageDef("report", 2, "cpu", ReportConfig, "pipeline.stages.report:report", role="join"),
 )

@@ -124,7 +124,7 @@ def test_the_table_and_planning_import_no_torch() -> None:
 # Content keys are a stored format: a stage's stored result is found again by its key, so a change
 # in how configs are built or serialised must leave every key where it was. These were computed
 # before the configs became typed; a key that moves means every stored result is recomputed.
-# "v2 stages": calibrate, sensitivity and quantize at version 2 (ReLU6 ranges from the clamped
+# "v2 stages": calibrate, sensitivity, quantize and qat at version 2 (ReLU6 ranges from the clamped
 # values, the symmetric activation scheme keyed, the export's quantizer placement).
 EXAMPLE_KEYS = {
     "ingest": "beff7e89acb2c2eb16885fb5c15c75c1",
@@ -138,13 +138,13 @@ EXAMPLE_KEYS = {
     "quantize:ptq-minmax": "6070bad2e2a63c89edc6e414eaee7d79",  # moved: v2 stages
     "quantize:ptq-histogram": "a13655b85ebc0ea8f13294dd3ae967b2",  # moved: v2 stages
     "quantize:dynamic": "7d8fa6941f91831611a7234b1dacdfa0",  # moved: v2 stages
-    "qat:qat": "f9af0a295d468b20b5ae3053f26c0298",  # moved: QAT exports ONNX QDQ for the ONNX runtimes
+    "qat:qat": "f730679ee8a64c9bace3f50cb4e367c2",  # moved: v2 stages
     "benchmark:fp32": "8de507e2155c3037bdd6f64973254d33",  # moved: fp32 also runs on the ONNX runtimes
     "benchmark:ptq-minmax": "a4e2c115e6dbeff3797ee27a765be2ee",  # moved: v2 stages
     "benchmark:ptq-histogram": "7cce198f19dad9b1023a534b28f230e4",  # moved: v2 stages
     "benchmark:dynamic": "1e6b9111283c84e7afa17f96e6f4d123",  # moved: v2 stages
-    "benchmark:qat": "8e94f0302e92b52417c1d774c1b3b28d",  # moved: QAT measured on the ONNX runtimes too
-    "report": "6690f28e970b189927dbd7b2fe863b87",  # moved: v2 stages
+    "benchmark:qat": "ab5b2dcf50e12909f59b6ed5478845d6",  # moved: v2 stages
+    "report": "fa8e549366271f07bebd2ced5a4bd798",  # moved: v2 stages
 }
 SMALL_KEYS = {
     "ingest": "8e2095dd6c6bef03acd86a89c68858a2",
@@ -154,13 +154,13 @@ SMALL_KEYS = {
     "quantize:ptq-minmax": "b4196a6e30701da034aa2a18b067f35a",  # moved: v2 stages
     "quantize:ptq-histogram": "3122555f41faddf690b394033ce212e6",  # moved: v2 stages
     "quantize:dynamic": "96dc274ac414aef817cfdcb7f99c7ee7",  # moved: v2 stages
-    "qat:qat": "1d2f00f83e22156aa58ed2976aa57b14",
+    "qat:qat": "73911ca6bd584082360da3cb73dc8ab8",  # moved: v2 stages
     "benchmark:fp32": "2a2d0d65211b429d5512d1d0cbed1562",
     "benchmark:ptq-minmax": "f309b59168c902cfc2a8467bc904e6b9",  # moved: v2 stages
     "benchmark:ptq-histogram": "beccb7dae249ad536f1e6226659b58cb",  # moved: v2 stages
     "benchmark:dynamic": "cc7f5c0aeb731facb8cdc5f0047fe152",  # moved: v2 stages
-    "benchmark:qat": "cf80a8d12e97b0531104b452fe511c9a",
-    "report": "78c001eacab47bd916a02af59156e001",  # moved: v2 stages
+    "benchmark:qat": "1f59c84411bcfde46322151d243d8bcb",  # moved: v2 stages
+    "report": "6c2ccf96f8e59832398347da5f76be68",  # moved: v2 stages
 }
 
 
@@ -186,7 +186,7 @@ def test_content_keys_are_unchanged() -> None:
     assert len(sweep) == 36
     # moved with the QAT nodes, their benchmarks and the report: QAT exports ONNX QDQ for the ONNX runtimes
     assert sha256_bytes(canonical_json(sweep).encode()) == \
-        "88aa21c52803b2439f22e1cb4fd7d09ef892ff9d95f53b54dc573206907337ab"
+        "0cb52da2b032055171b1c4a4986a4a56962e1c654d8e2df2f16214f81d514c25"
 
 
 def test_every_node_config_parses_into_its_stage_type() -> None:
