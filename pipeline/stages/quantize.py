@@ -31,7 +31,7 @@ from pipeline.quant import (
     export_torchscript,
     quantize_dynamic,
 )
-from pipeline.runtimes import export_onnx_qdq, int8_biases
+from pipeline.runtimes import export_onnx_fp32, export_onnx_qdq, int8_biases
 from pipeline.sensitivity import logits_of, rank, rank_by_latency, search_fallback, top1
 from pipeline.stages import StageContext
 from pipeline.stages.common import example_input, int8_result, load_fp32, load_split, norm
@@ -136,30 +136,30 @@ CONVERTERS: dict[str, Callable[[StageContext, QuantizeConfig, dict], tuple[Any, 
     "static": static_int8, "dynamic": dynamic_int8}
 
 # each other engine (pipeline.engines) with the options of the config it reads
-ENGINES: dict[str, Callable[[Path, Any, Path, QuantizeConfig], EngineModel]] = {
-    "nncf": lambda fp32, calib, out, cfg: quantize_nncf(
-        fp32, calib, out, preset=cfg.preset or "performance", fast_bias_correction=cfg.fast_bias_correction
-        is not False),
-    "onnxruntime": lambda fp32, calib, out, cfg: quantize_onnxruntime(
-        fp32, calib, out, per_channel=cfg.per_channel, calibrate_method=cfg.calibrate_method or "minmax",
-        preprocess=cfg.preprocess is not False),
+# (the fp32 model, an example input, the calibration images, the output folder, the config)
+ENGINES: dict[str, Callable[[Any, Any, Any, Path, QuantizeConfig], EngineModel]] = {
+    "nncf": lambda fp32, example, calib, out, cfg: quantize_nncf(
+        fp32, example, calib, out, preset=cfg.preset or "performance",
+        fast_bias_correction=cfg.fast_bias_correction is not False),
+    "onnxruntime": lambda fp32, example, calib, out, cfg: quantize_onnxruntime(
+        export_onnx_fp32(fp32, (example,), out / "fp32.onnx"), calib, out, per_channel=cfg.per_channel,
+        calibrate_method=cfg.calibrate_method or "minmax", preprocess=cfg.preprocess is not False),
 }
 
 
 def engine_int8(ctx: StageContext, cfg: QuantizeConfig, inputs: dict) -> dict:
-    """Another engine's static int8 model: the fine-tuned model exported as fp32 ONNX and the
-    ingest's calibration images (normalised as every input is) handed to ``cfg.engine``. The
-    engine's model (OpenVINO IR, or an ONNX QDQ file) is the stage's whole result: it has no
-    TorchScript form. The manifest counts its int8 and float layers and its quantizers."""
-    from pipeline.runtimes import export_onnx_fp32
-
+    """Another engine's static int8 model: the fine-tuned model (NNCF converts it to OpenVINO,
+    ONNX Runtime reads its fp32 ONNX export) and the ingest's calibration images (normalised as
+    every input is) handed to ``cfg.engine``. The engine's model (OpenVINO IR, or an ONNX QDQ
+    file) is the stage's whole result: it has no TorchScript form. The manifest counts its int8
+    and float layers and its quantizers."""
     data = inputs["data"]
-    ctx.progress(0.05, "exporting the fp32 model as ONNX")
-    fp32 = export_onnx_fp32(load_fp32(ctx, inputs["model"], data), example_input(data), ctx.workdir / "fp32.onnx")
+    ctx.progress(0.05, "loading the fp32 model")
+    fp32 = load_fp32(ctx, inputs["model"], data)
     calib = normalize(load_split(ctx, data, "calib")[0], **norm(data)).numpy()
     ctx.check_cancelled(every=0.0)
     ctx.progress(0.3, f"{cfg.engine}: quantizing, calibrated on {len(calib)} images")
-    made = ENGINES[cfg.engine](fp32, calib, ctx.workdir, cfg)
+    made = ENGINES[cfg.engine](fp32, example_input(data)[0], calib, ctx.workdir, cfg)
     ctx.images(len(calib), "calibrate")
     outputs = {"model": ctx.put(made.path.name, made.path)}
     if made.weights is not None:

@@ -179,7 +179,8 @@ def test_engine_models_are_the_engines_int8_files(run: tuple, tmp_path: Path) ->
     assert kinds["FakeQuantize"] > 0 and kinds["Convolution"] == 20
     assert len(int8_constants) >= kinds["Convolution"] + kinds["MatMul"]
     assert nncf["quantizers"] == kinds["FakeQuantize"] and nncf["int8_layers"] == 21
-    assert nncf["engine_settings"].items() >= {"preset": "mixed", "bias_correction": "full", "subset_size": 16}.items()
+    assert nncf["engine_settings"].items() >= {"preset": "mixed", "bias_correction": "full", "subset_size": 16,
+                                               "input": "openvino.convert_model(fp32 PyTorch model)"}.items()
     assert ort["engine_settings"].items() >= {"calibrate_method": "entropy", "per_channel": True}.items()
 
 
