@@ -60,6 +60,28 @@ def torchvision_model(arch: str, **kwargs) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=10, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def mbv2(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """MobileNetV2 (quarter width, random weights) calibrated with minmax under the default
+    scheme and exported once for the module: the model, the observed graph, the placed file and
+    the graph as FX wrote it (saved before the placement's rewrites)."""
+    import onnx
+
+    model = torchvision_model("mobilenet_v2", width_mult=0.25)
+    observed = calibrate(model, "mobilenet_v2")
+    tmp = tmp_path_factory.mktemp("mbv2")
+    placing, as_fx_wrote_it = runtimes.place_quantizers, tmp / "unplaced.onnx"
+
+    def keep_a_copy(model, **kwargs):
+        onnx.save(model, str(as_fx_wrote_it))
+        return placing(model, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtimes, "place_quantizers", keep_a_copy)
+        path = runtimes.export_onnx_qdq(observed, (torch.zeros(1, 3, SIZE, SIZE),), tmp / "placed.onnx")
+    return {"model": model, "observed": observed, "path": path, "as_fx_wrote_it": as_fx_wrote_it}
+
+
 def silu_se_block() -> nn.Module:
     """EfficientNet's pattern, small: conv + BN + SiLU, a squeeze-excitation block (SiLU inside,
     Sigmoid gate), a projection conv, pooling and a classifier."""
@@ -116,8 +138,7 @@ def run_as_written(path: Path, images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {"input": images.numpy()})[0])
 
 
-def test_mobilenet_v2_export_has_one_quantizer_per_quantized_tensor(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mobilenet_v2_export_has_one_quantizer_per_quantized_tensor(mbv2: dict) -> None:
     """The FX int8 MobileNetV2 quantizes the input, every conv's output (ReLU6 included), every
     residual add's output, the pooled features and the logits: one QuantizeLinear each, and no
     more. The graph as FX writes it has one more per ReLU6 (a Q -> DQ -> Clip -> Q chain with one
@@ -126,19 +147,8 @@ def test_mobilenet_v2_export_has_one_quantizer_per_quantized_tensor(tmp_path: Pa
     most 6] (its observer records the clamped values), so its clamp is the integer type's own
     and no Clip is left. Placement keeps every integer: the file's logits, run as written, are
     those of the graph FX wrote, on inputs well outside the calibrated range too."""
-    model = torchvision_model("mobilenet_v2", width_mult=0.25)
-    relu6 = sum(isinstance(m, nn.ReLU6) for m in model.modules())
-    observed = calibrate(model, "mobilenet_v2")
-    placing, as_fx_wrote_it = runtimes.place_quantizers, tmp_path / "unplaced.onnx"
-
-    def keep_a_copy(model, **kwargs):  # the graph as FX wrote it, saved before the rewrites
-        import onnx
-
-        onnx.save(model, str(as_fx_wrote_it))
-        return placing(model, **kwargs)
-
-    monkeypatch.setattr(runtimes, "place_quantizers", keep_a_copy)
-    path = runtimes.export_onnx_qdq(observed, (torch.zeros(1, 3, SIZE, SIZE),), tmp_path / "placed.onnx")
+    relu6 = sum(isinstance(m, nn.ReLU6) for m in mbv2["model"].modules())
+    path, as_fx_wrote_it = mbv2["path"], mbv2["as_fx_wrote_it"]
     g = Graph(path)
 
     quantized_tensors = 1 + g.ops["Conv"] + g.ops["Gemm"] + g.ops["Add"] + g.ops["ReduceMean"]
@@ -170,14 +180,14 @@ def activation_observers(observed: nn.Module) -> dict[str, nn.Module]:
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
-def test_relu6_ranges_start_at_zero_and_signed_tensors_are_symmetric(scheme: str) -> None:
+def test_relu6_ranges_start_at_zero_and_signed_tensors_are_symmetric(scheme: str, mbv2: dict) -> None:
     """The observer a ReLU6 shares with the conv before it records the clamped values: its range
     is [0, at most 6] with zero point 0 under both schemes (FX's shared observer would otherwise
     take the conv's signed output, half the levels spent on what the ReLU6 removes). Under the
     symmetric scheme every signed tensor gets zero point 128 on the full 8 bits, the middle of
     the range; under the asymmetric one, torch's x86 default: any zero point, 7 bits."""
-    model = torchvision_model("mobilenet_v2", width_mult=0.25)
-    observed = calibrate(model, "mobilenet_v2") if scheme == "symmetric" else calibrate_with(model, scheme)
+    model = mbv2["model"]
+    observed = mbv2["observed"] if scheme == "symmetric" else with_scheme(model, mbv2["observed"], scheme)
     observers = activation_observers(observed)
     after_relu6 = {k: m for k, m in observers.items() if type(m).__name__.startswith("AfterRelu6")}
     assert len({id(m) for m in after_relu6.values()}) == sum(isinstance(m, nn.ReLU6) for m in model.modules()) == 35
@@ -235,22 +245,20 @@ def test_qat_trains_with_the_same_ranges_and_is_served_as_int8_without_zero_poin
     assert counts["signed_int8"] == len(signed) and all(int(z) == 0 for z in zero_points), counts  # one each
 
 
-def calibrate_with(model: nn.Module, activations: str) -> nn.Module:
-    """``calibrate`` with another activation scheme (the same statistics, other parameters)."""
-    observed = calibrate(model, "mobilenet_v2")
+def with_scheme(model: nn.Module, observed: nn.Module, activations: str) -> nn.Module:
+    """``observed``'s calibration under another activation scheme (the same statistics)."""
     example = (torch.zeros(1, 3, SIZE, SIZE),)
     return calibrated(model, example, observer_state(observed), observer="minmax", per_channel=True,
                       backend="x86", arch="mobilenet_v2", activations=activations)
 
 
-def test_openvino_form_reads_signed_tensors_as_int8_with_the_same_integers(tmp_path: Path) -> None:
+def test_openvino_form_reads_signed_tensors_as_int8_with_the_same_integers(mbv2: dict, tmp_path: Path) -> None:
     """The symmetric scheme's signed tensors (uint8, zero point 128) become int8 with zero point
     0 in the model OpenVINO's runner serves, so no convolution there reads a zero point; the
     rewrite is exact: run as written, the logits are the file's, bit for bit."""
     import onnx
 
-    observed = calibrate(torchvision_model("mobilenet_v2", width_mult=0.25), "mobilenet_v2")
-    path = runtimes.export_onnx_qdq(observed, (torch.zeros(1, 3, SIZE, SIZE),), tmp_path / "m.onnx")
+    path = mbv2["path"]
     form = onnx.load(str(path))
     counts = runtimes.place_quantizers(form, fold_activations=True)
     onnx.save(form, str(tmp_path / "openvino.onnx"))
