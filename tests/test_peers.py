@@ -97,6 +97,8 @@ def test_latency_ratio_takes_the_fastest_peer_of_each_round() -> None:
 def test_drop_verdict_counts_points_and_images() -> None:
     worse = peers.drop_verdict({peers.QPIPE: 0.01, peers.NNCF: 0.005, peers.ORT: 0.0}, images=400)
     assert worse["met"] is False and worse["qpipe_minus_nncf_images"] == 2
+    one = peers.drop_verdict({peers.QPIPE: 0.0075, peers.NNCF: 0.005, peers.ORT: 0.0}, images=400)
+    assert one["met"] is True and one["qpipe_minus_nncf_images"] == 1  # within one validation image
     tie = peers.drop_verdict({peers.QPIPE: 0.0025, peers.NNCF: 0.0025, peers.ORT: 0.5}, images=400)
     assert tie["met"] is True and tie["qpipe_minus_nncf"] == 0
 
