@@ -23,7 +23,8 @@ The export
       ``round(w * (1 / scale))``. The two differ on weights within one float rounding of a half
       step (9 of conv1's 9,408 in a test ResNet18), and an int8 network amplifies that layer by
       layer: mean |logit difference| from the FX model 0.44 output steps instead of 0.03;
-    * activations saturate at 255. The x86 engine's 7-bit activation range (``reduce_range``)
+    * activations saturate at 255. Under the asymmetric scheme (``pipeline.quant``), the x86
+      engine's 7-bit activation range (``reduce_range``)
       only sets the scale; its kernels saturate at 255, as a uint8 QuantizeLinear does. The
       reference graph clamps at 127: on inputs three times the calibration range its logits
       are 15 output steps from the FX model's on average, the exported model's 0.05. torchlib
