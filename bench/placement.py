@@ -86,18 +86,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def network(arch: str, size: int, seed: int) -> nn.Module:
-    """``arch`` with random weights and batch-norm statistics averaged over random images."""
-    torch.manual_seed(seed)
-    model = build_model(arch, 10)
+def settle_batch_norms(model: nn.Module, size: int, generator: torch.Generator | None = None) -> nn.Module:
+    """``model`` (random weights) in eval mode with its batch norms' running statistics set to
+    a plain average over 4 batches of 16 random ``size`` x ``size`` images (drawn from
+    ``generator``, or torch's global one): a random network's activations otherwise shrink or
+    grow layer by layer, and most quantization ranges would be degenerate."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None  # a plain average over the batches below
     model.train()
     with torch.no_grad():
         for _ in range(4):
-            model(torch.randn(16, 3, size, size))
+            model(torch.randn(16, 3, size, size, generator=generator))
     return model.eval()
+
+
+def network(arch: str, size: int, seed: int) -> nn.Module:
+    """``arch`` with random weights and batch-norm statistics averaged over random images."""
+    torch.manual_seed(seed)
+    return settle_batch_norms(build_model(arch, 10), size)
 
 
 def qpipe_export(model: nn.Module, arch: str, images: torch.Tensor, path: Path) -> Path:

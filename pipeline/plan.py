@@ -60,8 +60,9 @@ def calibration_id(v: StaticVariant) -> str:
 
 
 def activations(v: VariantSpec) -> str | None:
-    """The activation scheme of a variant qpipe converts from a calibration; None for the others."""
-    return v.activations if v.CALIBRATED and v.ENGINE == "qpipe" else None
+    """The activation scheme of a variant qpipe converts from a calibration (static, qpipe's own
+    engine: the one CALIBRATED kind); None for the others."""
+    return v.activations if v.CALIBRATED else None
 
 
 def sensitivity_config(v: VariantSpec, backend: str, arch: str, part: int, parts: int) -> SensitivityConfig:

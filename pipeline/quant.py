@@ -223,6 +223,13 @@ ACTIVATION_SCHEMES = ("symmetric", "asymmetric")
 DEFAULT_ACTIVATIONS = "symmetric"
 
 
+def _is_symmetric(activations: str) -> bool:
+    """Whether ``activations`` is the symmetric scheme; StageError for an unknown one."""
+    if activations not in ACTIVATION_SCHEMES:
+        raise StageError(f"unknown activation scheme {activations!r}: use one of {', '.join(ACTIVATION_SCHEMES)}")
+    return activations == "symmetric"
+
+
 class _SymmetricIfSigned:
     """Mixin for an activation observer (before it in the bases): the range it chose, made
     symmetric about zero when it reaches below zero ([-b, b], b the larger extent: uint8 with
@@ -306,9 +313,7 @@ def _qconfig(observer: str, per_channel: bool, backend: str, percentile: float |
         raise StageError(f"unknown observer {observer!r}: use one of {', '.join(OBSERVERS)}")
     if percentile is not None and observer != "percentile":
         raise StageError(f"percentile={percentile} only applies to the percentile observer, not {observer!r}")
-    if activations not in ACTIVATION_SCHEMES:
-        raise StageError(f"unknown activation scheme {activations!r}: use one of {', '.join(ACTIVATION_SCHEMES)}")
-    symmetric = activations == "symmetric"
+    symmetric = _is_symmetric(activations)
     # torch's own x86 default keeps 7 bits of activation (reduce_range); the symmetric scheme
     # uses all 8, as OpenVINO's kernels do: zero point 128 must be the middle of the range
     reduce_range = backend == "x86" and not symmetric
@@ -596,12 +601,11 @@ def prepare_qat(model: nn.Module, example: tuple[torch.Tensor, ...], *, backend:
     )
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    if activations not in ACTIVATION_SCHEMES:
-        raise StageError(f"unknown activation scheme {activations!r}: use one of {', '.join(ACTIVATION_SCHEMES)}")
+    symmetric = _is_symmetric(activations)
     set_engine(backend)
     with quiet():
         mapping = get_default_qat_qconfig_mapping(backend)
-        if activations == "symmetric":
+        if symmetric:
             fake_quant = FakeQuantize.with_args(observer=_symmetric(MovingAverageMinMaxObserver), quant_min=0,
                                                 quant_max=255, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
                                                 reduce_range=False)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.placement import settle_batch_norms
 from pipeline import runtimes
 from pipeline.quant import calibrated, observer_state, prepare_static
 
@@ -34,17 +35,9 @@ def _packages(one_thread) -> None:
 
 def calibrate(model: nn.Module, arch: str) -> nn.Module:
     """``model`` (random weights) calibrated with minmax, after its batch norms' running
-    statistics are set on random images (a random network's activations otherwise shrink or
-    grow layer by layer, and most ranges would be degenerate)."""
+    statistics are set on random images (``settle_batch_norms``)."""
     gen = torch.Generator().manual_seed(SEED)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # a plain average over the batches below
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(16, 3, SIZE, SIZE, generator=gen))
-    model.eval()
+    settle_batch_norms(model, SIZE, gen)
     example = (torch.zeros(1, 3, SIZE, SIZE),)
     observing = prepare_static(model, example, observer="minmax", per_channel=True, backend="x86", arch=arch)
     with torch.no_grad():
