@@ -116,10 +116,11 @@ from pipeline.bench import threads
 from pipeline.plan import build_plan
 from pipeline.quant import load_torchscript, set_engine
 from pipeline.runner import run_in_process
-from pipeline.runtimes import OrtRunner, OvRunner, load_runner
+from pipeline.runtimes import OrtRunner, OvRunner
 from pipeline.sources import prepare_sources
 from pipeline.spec import load_spec
 from pipeline.stages import StageContext, manifest_key
+from pipeline.stages.benchmark import file_runner
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
 from pipeline.store import FileStore, Store
 from pipeline.summary import select
@@ -269,8 +270,7 @@ class QpipeRun:
     seconds: float = 0.0
     # batch size -> (variant, runtime, file): what the report chose to serve that batch size with
     forms: dict[str, tuple[str, str, Path]] = field(default_factory=dict)
-    engine_forms: set[str] = field(default_factory=set)  # variants whose file is another engine's model
-    # qpipe's own export of its best static variant (the variant, its .onnx), timed on OpenVINO
+    # qpipe's own export of its best static variant (the variant, its OpenVINO IR), timed on OpenVINO
     own: tuple[str, Path] | None = None
 
 
@@ -322,37 +322,37 @@ def run_qpipe(spec_dict: dict, store: Store, workdir: Path) -> QpipeRun:
     set_engine(own_bench["backend"])
     int8_path = ctx.fetch(own_bench["outputs"]["model"], f"qpipe-{own_name}.ts")
     own = None
-    if "onnx" in own_bench.get("outputs", {}):
-        own = (own_name, ctx.fetch(own_bench["outputs"]["onnx"], f"qpipe-own-{own_name}.onnx"))
-    forms, engine_forms = {}, set()
+    if "openvino" in own_bench.get("runtimes", {}):
+        own = (own_name, served_file(ctx, own_bench, "openvino", workdir / f"own-{own_name}"))
+    forms = {}
     for bs in (str(b) for b in spec.benchmark.batch_sizes):
         pick = (summary.get("selection_per_batch") or {}).get(bs, {"variant": selected, "runtime": "torchscript"})
         bench = manifest(f"benchmark:{pick['variant']}")
-        if bench.get("engine"):  # another engine's model: its file as the engine wrote it (an IR with its .bin)
-            engine_forms.add(pick["variant"])
-            folder = workdir / f"engine-{pick['variant']}"
-            folder.mkdir(exist_ok=True)
-            files = {role: ctx.fetch(ref, str(Path(folder.name) / Path(ref["uri"]).name))
-                     for role, ref in bench["outputs"].items()}
-            forms[bs] = (pick["variant"], pick["runtime"], files["model"])
-            continue
-        output, suffix = ("model", "ts") if pick["runtime"] == "torchscript" else ("onnx", "onnx")
         forms[bs] = (pick["variant"], pick["runtime"],
-                     ctx.fetch(bench["outputs"][output], f"qpipe-{pick['variant']}-{bs}.{suffix}"))
+                     served_file(ctx, bench, pick["runtime"], workdir / f"{pick['variant']}-{bs}"))
     return QpipeRun(summary, selected, reason, data, fp32, fp32_bench, int8_bench, load_torchscript(int8_path),
                     int8_path, calib, val, norm(data), spec.finetune.epochs, state_dict, seconds, forms,
-                    engine_forms, own)
+                    own)
+
+
+def served_file(ctx: StageContext, bench: dict, runtime: str, folder: Path) -> Path:
+    """The file a benchmark manifest measured on ``runtime`` (an OpenVINO IR with its .bin beside
+    it), fetched through its digest into ``folder``: the file ``qpipe pull`` hands a user."""
+    uri = bench["runtimes"][runtime]["artifact"] if bench.get("runtimes") else bench["outputs"]["model"]["uri"]
+    outputs = bench["outputs"]
+    ref = next(r for r in outputs.values() if isinstance(r, dict) and r.get("uri") == uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = ctx.fetch(ref, str(folder.relative_to(ctx.workdir) / Path(uri).name))
+    if path.suffix == ".xml":
+        ctx.fetch(outputs["weights"], str(folder.relative_to(ctx.workdir) / Path(outputs["weights"]["uri"]).name))
+    return path
 
 
 def form_runner(q: QpipeRun, bs: str, n_threads: int, batch_size: int | None) -> Callable:
-    """A freshly loaded runner of what qpipe serves at batch ``bs``: another engine's file as the
-    engine wrote it, or qpipe's own form."""
-    from pipeline.stages.benchmark import engine_runner
-
-    variant, runtime, path = q.forms[bs]
-    if variant in q.engine_forms:
-        return engine_runner(runtime, path, n_threads, batch_size)
-    return load_runner(runtime, path, threads=n_threads, batch_size=batch_size)
+    """A freshly loaded runner of what qpipe serves at batch ``bs``, loaded as a user loads the
+    pulled file: an OpenVINO IR by ``Core.read_model`` with no qpipe code in between."""
+    _, runtime, path = q.forms[bs]
+    return file_runner(runtime, path, n_threads, batch_size)
 
 
 # -------------------------------------------------------------------------------- the peers
@@ -491,7 +491,7 @@ def latency_forms(q: QpipeRun, ov_xml: Path, ort_path: Path, n_threads: int, bs:
              ORT: OrtRunner(ort_path, n_threads), QPIPE_TORCHSCRIPT: load_torchscript(q.int8_path),
              QPIPE_AFTER_EVAL: q.int8}
     if q.own is not None:  # qpipe's own export on OpenVINO, whatever the report served
-        forms[QPIPE_OWN] = load_runner("openvino", q.own[1], threads=n_threads, batch_size=bs)
+        forms[QPIPE_OWN] = file_runner("openvino", q.own[1], n_threads, bs)
     return forms
 
 

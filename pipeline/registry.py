@@ -81,8 +81,6 @@ IN_FLIGHT = ("PENDING", "RUNNING")
 UNFINISHED = "UNFINISHED"  # a plan.json and no summary, and no broker that says otherwise
 FINAL = ("SUCCESS", "FAILED", "CANCELLED")
 RUNTIMES = ("torchscript", "onnxruntime", "openvino")  # pipeline.runtimes.RUNTIMES, without importing torch
-# the form each runtime reads, by file suffix: what the README and `qpipe predict` load
-FORM_RUNTIMES = {".ts": ("torchscript",), ".onnx": ("onnxruntime", "openvino"), ".xml": ("openvino",)}
 RUN_STAMP = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]{6}$")  # workers.client.new_run_id's UTC stamp
 PULL_FORMAT = "qpipe-model/1"
 
@@ -413,8 +411,8 @@ def pull(store: Store, run_id: str, dest: str | Path, *, variant: str = "selecte
                           f"sha256 {recorded}, the report measured {row['sha256']}): pull a newer run")
     serving = _serving(row, runtime)
     models = _model_files(bench, row, {s["runtime"] for s in serving.values()} or {next(iter(forms))})
-    for s in serving.values():
-        s["file"] = next(n for n in models if s["runtime"] in FORM_RUNTIMES.get(PurePosixPath(n).suffix, ()))
+    for s in serving.values():  # the very file measured (OpenVINO's IR rather than the .onnx, where both are)
+        s["file"] = file_name(forms[s["runtime"]]["artifact"])
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
     umask = os.umask(0)
@@ -584,6 +582,7 @@ def readme(manifest: dict) -> str:
     engine = (f'torch.backends.quantized.engine = "{m["backend"]}"  # the int8 kernels it was converted for\n'
               if m.get("backend") and m.get("method") != "fp32" else "")
     order = [".ts", ".onnx", ".xml"]  # plain PyTorch first
+    has_ir = any(PurePosixPath(n).suffix == ".xml" for n in models)  # OpenVINO reads it, not the .onnx
     for name in sorted(models, key=lambda n: order.index(PurePosixPath(n).suffix) if PurePosixPath(n).suffix
                        in order else len(order)):
         suffix = PurePosixPath(name).suffix
@@ -593,10 +592,11 @@ def readme(manifest: dict) -> str:
         if suffix == ".onnx":
             lines += ["## ONNX Runtime", "", "Needs onnxruntime and numpy.", "", "```python",
                       ORT.format(file=name).rstrip(), "```", ""]
-        if suffix in (".onnx", ".xml"):
+        if suffix == ".xml" or (suffix == ".onnx" and not has_ir):  # an .onnx for OpenVINO: a run before the IR
             note = ("" if suffix == ".xml" or m.get("engine") else
-                    " qpipe measured OpenVINO on this file with each layer's activation folded into the layer "
-                    "(`pipeline.runtimes.openvino_model`), which rounds once less: read as it is, it gives the "
+                    " qpipe measured OpenVINO on its OpenVINO form of this file (`pipeline.runtimes.openvino_model`: "
+                    "each layer's activation folded into the layer, which rounds once less and runs faster; "
+                    "`qpipe pull --runtime openvino` writes it as model.xml): read as it is, this file gives the "
                     "same classes within that rounding.")
             lines += ["## OpenVINO", "", f"Needs openvino and numpy.{note}", "", "```python",
                       OV.format(file=name).rstrip(), "```", ""]

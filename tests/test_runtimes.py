@@ -37,6 +37,7 @@ import torch
 from pipeline import runtimes
 from pipeline.data import Preprocess, calibration_indices, load_digits, stratified_split, to_tensors
 from pipeline.errors import ConfigError, StageError
+from pipeline.store import ArtifactRef
 from pipeline.quant import (
     calibrated,
     convert_calibrated,
@@ -454,6 +455,61 @@ def test_each_row_carries_the_top1_of_its_served_form_and_its_speedup_over_the_f
         row = next(v for v in s["variants"] if v["name"] == pick["variant"])
         assert pick["accuracy_top1"] == row["runtimes"][pick["runtime"]]["accuracy_top1"]
         assert pick["speedup_vs_fp32"] == row["speedup_vs_fp32"][b]
+
+
+def test_openvino_is_measured_on_the_ir_a_deployment_reads(pipeline_run: dict) -> None:
+    """Each OpenVINO form is stored as an IR (.xml and .bin) next to its benchmark manifest and
+    measured from it: read with a plain ``Core.read_model`` it is the model qpipe's runner makes
+    of the ONNX file (``openvino_model``: quantizers placed for OpenVINO, activations folded),
+    the same ops and logits equal bit for bit."""
+    import openvino as ov
+
+    s, store = pipeline_run["summary"], pipeline_run["store"]
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for row in [s["baseline"], *s["variants"]]:
+        bench = store.get_json(store.key_of(row["manifest"]))
+        outputs, form = bench["outputs"], bench["runtimes"]["openvino"]
+        assert form["artifact"] == outputs["openvino_ir"]["uri"] and form["artifact"].endswith("/model.xml")
+        assert form["size_bytes"] == outputs["openvino_ir"]["size"] + outputs["weights"]["size"]
+        folder = Path(store.fetch(ArtifactRef.from_dict(outputs["openvino_ir"]), Path(store.root) / "x" / row["name"]
+                                  / "model.xml")).parent
+        store.fetch(ArtifactRef.from_dict(outputs["weights"]), folder / "model.bin")
+        onnx_file = store.fetch(ArtifactRef.from_dict(outputs["onnx"]), folder / "model.onnx")
+        ir = ov.Core().read_model(str(folder / "model.xml"))
+        ops = [Counter(op.get_type_name() for op in m.get_ops()) for m in (ir, runtimes.openvino_model(onnx_file))]
+        assert ops[0] == ops[1] and (ops[0]["FakeQuantize"] > 0) == (row["method"] == "static"), ops
+        assert torch.equal(runtimes.OvRunner(ir, 1)(x), runtimes.load_runner("openvino", onnx_file, threads=1,
+                                                                                 batch_size=None)(x))
+    # what `qpipe pull --runtime openvino` hands a deployment: that IR, and a README that reads it
+    from pipeline.registry import pull
+
+    got = pull(store, s["run_id"], Path(store.root) / "pulled", variant="ptq-minmax", runtime="openvino")
+    assert {n for n, f in got.files.items() if f.get("model")} == {"model.xml", "model.bin"}, got.files
+    assert {b: f["file"] for b, f in got.serving.items()} == {"1": "model.xml", "4": "model.xml"}
+    assert 'compile_model("model.xml", "CPU")' in (got.folder / "README.md").read_text()
+
+
+def test_openvino_reads_hardsigmoid_as_the_hsigmoid_it_fuses(tmp_path: Path) -> None:
+    """torch's Hardsigmoid (ONNX HardSigmoid, alpha 1/6) becomes OpenVINO's HSigmoid, which its
+    CPU plugin fuses into the layer before it; another alpha stays a HardSigmoid. Same values."""
+    pytest.importorskip("openvino")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Hardsigmoid(), torch.nn.Conv2d(4, 4, 1),
+                              torch.nn.Hardtanh(0.0, 1.0)).eval()
+    path = runtimes.export_onnx_fp32(net, (torch.randn(1, 3, 8, 8),), tmp_path / "hs.onnx")
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    model.graph.node.append(helper.make_node("HardSigmoid", ["logits"], ["other"], alpha=0.2, beta=0.5))
+    model.graph.output.append(helper.make_tensor_value_info("other", onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(path))
+    ops = Counter(op.get_type_name() for op in runtimes.openvino_model(path).get_ops())
+    assert ops["HSigmoid"] == 1 and ops["HardSigmoid"] == 1, ops
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = net(x)
+    got = runtimes.OvRunner(runtimes.openvino_model(path), 1)(x)
+    assert torch.allclose(got, want, atol=1e-2), (got - want).abs().max()
 
 
 def test_a_runtime_that_cannot_be_imported_is_skipped_and_the_cli_says_why(

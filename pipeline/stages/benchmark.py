@@ -10,7 +10,9 @@ deployed model is loaded once and serves one batch size; so is each timing here.
 A static variant exported as ONNX QDQ is measured the same way on each runtime of
 ``cfg.runtimes`` (ONNX Runtime, OpenVINO; ``pipeline.runtimes``), and so is the fp32 baseline,
 exported here as a float ONNX model (``export_onnx_fp32``), so that speedups are against the
-fastest fp32 form rather than its TorchScript file. ``runtimes`` in the manifest holds every
+fastest fp32 form rather than its TorchScript file. OpenVINO is measured on the model's
+OpenVINO form stored as an IR next to the manifest (``openvino_ir``), read as a deployment
+reads it. ``runtimes`` in the manifest holds every
 form's top-1, latency and size (TorchScript's too; OpenVINO's with the precision its plugin ran
 the float parts in). A runtime whose package is missing, or a model without an export, is listed
 in ``skipped_runtimes`` with the reason.
@@ -31,7 +33,7 @@ from pipeline.bench import measure_latency, threads
 from pipeline.engines import LOAD_WITH
 from pipeline.errors import StageError
 from pipeline.quant import load_torchscript, set_engine
-from pipeline.runtimes import OvRunner, export_onnx_fp32, load_runner, missing
+from pipeline.runtimes import OvRunner, export_onnx_fp32, load_runner, missing, save_openvino_ir
 from pipeline.stages import StageContext
 from pipeline.stages.common import example_input, load_fp32, load_split, norm
 from pipeline.stages.configs import BenchmarkConfig
@@ -94,12 +96,27 @@ def other_runtimes(ctx: StageContext, cfg: BenchmarkConfig, producer: dict, data
             wanted = []
     for rt, why in skipped.items():
         log.info("%s: %s skipped: %s", cfg.variant, rt, why)
-    out = {}
+    out, exported = {}, ({"onnx": artifact} if wanted else {})
     for rt in wanted:
-        out[rt] = {**measure_form(ctx, cfg, rt, lambda bs, rt=rt: load_runner(rt, path, threads=cfg.threads,
-                                                                                batch_size=bs), xv, yv, n),
-                   "size_bytes": artifact.size, "artifact": artifact.uri}
-    return out, {rt: skipped[rt] for rt in cfg.runtimes if rt in skipped}, {"onnx": artifact.to_dict()} if out else {}
+        file, form, size = path, artifact, artifact.size
+        if rt == "openvino":  # the IR a deployment reads, measured as it reads it: see openvino_ir
+            file, form, exported["weights"] = openvino_ir(ctx, path)
+            exported["openvino_ir"], size = form, form.size + exported["weights"].size
+        out[rt] = {**measure_form(ctx, cfg, rt, lambda bs, rt=rt, f=file: file_runner(rt, f, cfg.threads, bs), xv, yv,
+                                  n),
+                   "size_bytes": size, "artifact": form.uri}
+    return out, {rt: skipped[rt] for rt in cfg.runtimes if rt in skipped}, {k: a.to_dict() for k, a in exported.items()}
+
+
+def openvino_ir(ctx: StageContext, onnx_path: Path) -> tuple[Path, ArtifactRef, ArtifactRef]:
+    """The OpenVINO form of a model's ONNX file written as IR (``pipeline.runtimes.save_openvino_ir``:
+    for an int8 QDQ file, quantizers placed and activations folded as qpipe's OpenVINO runner
+    serves them) and stored next to this manifest: (model.xml here, the stored .xml, the stored
+    .bin). OpenVINO is measured on this IR as ``Core.read_model`` reads it, so its figures are
+    those of the file ``qpipe pull`` hands a deployment, which needs no qpipe code to read it."""
+    xml, weights = save_openvino_ir(onnx_path, ctx.workdir / "model.xml")
+    return (xml, ctx.store.put_file(f"{ctx.prefix}/model.xml", xml),
+            ctx.store.put_file(f"{ctx.prefix}/model.bin", weights))
 
 
 def measure_form(ctx: StageContext, cfg: BenchmarkConfig, runtime: str, load: Callable[[int | None], Any], xv, yv,
@@ -117,10 +134,10 @@ def measure_form(ctx: StageContext, cfg: BenchmarkConfig, runtime: str, load: Ca
     return {"accuracy_top1": acc, **_rounded(latency), **({"inference_precision": precision} if precision else {})}
 
 
-def engine_runner(runtime: str, path: Path, n_threads: int, batch_size: int | None) -> Callable:
-    """A runner of another engine's model file as the engine wrote it: OpenVINO reads it with
-    ``Core.read_model`` (the quantizer placement ``pipeline.runtimes.openvino_model`` gives
-    qpipe's own QDQ exports is not applied to it), ONNX Runtime loads it like any .onnx."""
+def file_runner(runtime: str, path: Path, n_threads: int, batch_size: int | None) -> Callable:
+    """A runner of a model file as a user loads it with the runtime's own API: OpenVINO reads an
+    IR (another engine's, or the one ``openvino_ir`` stores) with ``Core.read_model``, no qpipe
+    code in between; ONNX Runtime and TorchScript load the file like any other."""
     if runtime == "openvino":
         import openvino as ov
 
@@ -148,7 +165,7 @@ def engine_benchmark(ctx: StageContext, cfg: BenchmarkConfig, data: dict, produc
     forms = {}
     with threads(cfg.threads):
         for rt in wanted:
-            forms[rt] = {**measure_form(ctx, cfg, rt, lambda bs, rt=rt: engine_runner(rt, path, cfg.threads, bs),
+            forms[rt] = {**measure_form(ctx, cfg, rt, lambda bs, rt=rt: file_runner(rt, path, cfg.threads, bs),
                                         xv, yv, n), "size_bytes": size, "artifact": artifacts["model"].uri}
     for rt, why in skipped.items():
         log.info("%s: %s skipped: %s", cfg.variant, rt, why)

@@ -101,7 +101,7 @@ STAGES: dict[str, StageDef] = declare(
     StageDef("sensitivity", 2, "cpu", SensitivityConfig, "pipeline.stages.sensitivity:sensitivity"),
     StageDef("quantize", 2, "cpu", QuantizeConfig, "pipeline.stages.quantize:quantize"),
     StageDef("qat", 2, "gpu", QatConfig, "pipeline.stages.qat:qat"),
-    StageDef("benchmark", 3, "cpu", BenchmarkConfig, "pipeline.stages.benchmark:benchmark"),
+    StageDef("benchmark", 4, "cpu", BenchmarkConfig, "pipeline.stages.benchmark:benchmark"),
     StageDef("report", 2, "cpu", ReportConfig, "pipeline.stages.report:report", role="join"),
 )
 JOIN = next(d.name for d in STAGES.values() if d.role == "join")  # the stage that ends every run

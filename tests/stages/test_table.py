@@ -125,7 +125,8 @@ def test_the_table_and_planning_import_no_torch() -> None:
 # in how configs are built or serialised must leave every key where it was. These were computed
 # before the configs became typed; a key that moves means every stored result is recomputed.
 # "v2 stages": calibrate, sensitivity, quantize and qat at version 2 (ReLU6 ranges from the clamped
-# values, the symmetric activation scheme keyed, the export's quantizer placement).
+# values, the symmetric activation scheme keyed, the export's quantizer placement). "benchmark v4":
+# the benchmark stores and measures the OpenVINO form as an IR (and reads HardSigmoid as HSigmoid).
 EXAMPLE_KEYS = {
     "ingest": "beff7e89acb2c2eb16885fb5c15c75c1",
     "finetune": "1c7a119f2ae3f331b77131196a36f87e",
@@ -139,12 +140,12 @@ EXAMPLE_KEYS = {
     "quantize:ptq-histogram": "a13655b85ebc0ea8f13294dd3ae967b2",  # moved: v2 stages
     "quantize:dynamic": "7d8fa6941f91831611a7234b1dacdfa0",  # moved: v2 stages
     "qat:qat": "f730679ee8a64c9bace3f50cb4e367c2",  # moved: v2 stages
-    "benchmark:fp32": "8de507e2155c3037bdd6f64973254d33",  # moved: fp32 also runs on the ONNX runtimes
-    "benchmark:ptq-minmax": "a4e2c115e6dbeff3797ee27a765be2ee",  # moved: v2 stages
-    "benchmark:ptq-histogram": "7cce198f19dad9b1023a534b28f230e4",  # moved: v2 stages
-    "benchmark:dynamic": "1e6b9111283c84e7afa17f96e6f4d123",  # moved: v2 stages
-    "benchmark:qat": "ab5b2dcf50e12909f59b6ed5478845d6",  # moved: v2 stages
-    "report": "fa8e549366271f07bebd2ced5a4bd798",  # moved: v2 stages
+    "benchmark:fp32": "ee937bf68b5a546c7cfc312887fd396a",  # moved: benchmark v4
+    "benchmark:ptq-minmax": "7b9ef06bc75a7058a7f9635e52edcfe8",  # moved: benchmark v4
+    "benchmark:ptq-histogram": "a8d06ed88160105309a772a834d2a6d8",  # moved: benchmark v4
+    "benchmark:dynamic": "61d1c8cc553a4bcc6f27b6d135d6562e",  # moved: benchmark v4
+    "benchmark:qat": "3cdf9f7b6b9b60ef99a55236799b3100",  # moved: benchmark v4
+    "report": "8b1b5c3f76cc4c7502c156314c39e4e0",  # moved: benchmark v4
 }
 SMALL_KEYS = {
     "ingest": "8e2095dd6c6bef03acd86a89c68858a2",
@@ -155,12 +156,12 @@ SMALL_KEYS = {
     "quantize:ptq-histogram": "3122555f41faddf690b394033ce212e6",  # moved: v2 stages
     "quantize:dynamic": "96dc274ac414aef817cfdcb7f99c7ee7",  # moved: v2 stages
     "qat:qat": "73911ca6bd584082360da3cb73dc8ab8",  # moved: v2 stages
-    "benchmark:fp32": "2a2d0d65211b429d5512d1d0cbed1562",
-    "benchmark:ptq-minmax": "f309b59168c902cfc2a8467bc904e6b9",  # moved: v2 stages
-    "benchmark:ptq-histogram": "beccb7dae249ad536f1e6226659b58cb",  # moved: v2 stages
-    "benchmark:dynamic": "cc7f5c0aeb731facb8cdc5f0047fe152",  # moved: v2 stages
-    "benchmark:qat": "1f59c84411bcfde46322151d243d8bcb",  # moved: v2 stages
-    "report": "6c2ccf96f8e59832398347da5f76be68",  # moved: v2 stages
+    "benchmark:fp32": "5c3428686d909f0a83cfcb092ec88d55",  # moved: benchmark v4
+    "benchmark:ptq-minmax": "7eb8cc816dde17ff5879b1614f04473c",  # moved: benchmark v4
+    "benchmark:ptq-histogram": "1e08ca49c5b33f24c7df6a1515dcadd9",  # moved: benchmark v4
+    "benchmark:dynamic": "443357aa19de011b584e8fe70e1214b5",  # moved: benchmark v4
+    "benchmark:qat": "e1fad2d0f7e6248a4a9a2038f3af5fe8",  # moved: benchmark v4
+    "report": "025fa28a3050bb37b105a5d277c9111a",  # moved: benchmark v4
 }
 
 
@@ -184,9 +185,9 @@ def test_content_keys_are_unchanged() -> None:
     assert keys(build_plan(parse_spec(SMALL_SPEC), PINNED_SOURCES)) == SMALL_KEYS
     sweep = keys(build_plan(parse_spec(every_option_sweep()), PINNED_SOURCES))
     assert len(sweep) == 36
-    # moved with the QAT nodes, their benchmarks and the report: QAT exports ONNX QDQ for the ONNX runtimes
+    # moved with the benchmarks and the report: benchmark v4
     assert sha256_bytes(canonical_json(sweep).encode()) == \
-        "0cb52da2b032055171b1c4a4986a4a56962e1c654d8e2df2f16214f81d514c25"
+        "0edeed738d49126309ce83577ee8fea07ac4ae2380b94952564c8a88e524f904"
 
 
 def test_every_node_config_parses_into_its_stage_type() -> None:
