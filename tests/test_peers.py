@@ -94,6 +94,20 @@ def test_latency_ratio_takes_the_fastest_peer_of_each_round() -> None:
     assert peers.judge(None, 1.0, 0.9)["met"] is None
 
 
+def test_a_missed_median_is_a_tie_unless_a_sign_test_says_qpipe_is_slower() -> None:
+    lost_all = [1.02, 1.01, 1.03, 1.02, 1.04]
+    assert peers.slower_p_value(lost_all) == pytest.approx(1 / 32)  # five coin flips, all lost
+    slower = peers.judge(1.02, 1.0, 0.9, lost_all)
+    assert slower["verdict"] == "slower" and slower["rounds_faster"] == "0/5" and slower["met"] is False
+    mixed = [1.02, 0.99, 1.01, 0.98, 1.03]  # won 2 of 5: P(X <= 2) = (1 + 5 + 10) / 32
+    assert peers.slower_p_value(mixed) == pytest.approx(0.5)
+    tie = peers.judge(1.01, 1.0, 0.9, mixed)
+    assert tie["verdict"] == "tie" and tie["met"] is False and tie["slower_p"] == 0.5
+    assert peers.judge(0.99, 1.0, 0.9, mixed)["verdict"] == "met"
+    assert peers.slower_p_value([1.0, 1.0, 1.01]) == pytest.approx(0.5)  # exact ties left out: one round, lost
+    assert peers.slower_p_value([1.0]) == 1.0 and peers.slower_p_value([]) is None
+
+
 def test_drop_verdict_counts_points_and_images() -> None:
     worse = peers.drop_verdict({peers.QPIPE: 0.01, peers.NNCF: 0.005, peers.ORT: 0.0}, images=400)
     assert worse["met"] is False and worse["qpipe_minus_nncf_images"] == 2
