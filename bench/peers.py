@@ -52,7 +52,8 @@ How
     Latency: ``--rounds`` interleaved rounds; each round times every int8 model at every batch
     size (``pipeline.bench.measure_latency`` on real validation images), in an order rotated from
     round to round, after ``--warmup`` calls, for ``--iterations`` calls or ``--max-seconds``.
-    Each runtime gets a freshly loaded instance per batch size, first called at that size: with
+    Each round loads every model afresh for each batch size (one loaded instance keeps a speed of
+    its own, ``interleaved``), first called at that size: with
     oneDNN kernels the first call's shape sticks (qpipe's int8 TorchScript first called at batch
     64 then runs batch 1 about 2x slower). ``qpipe_after_eval`` is that case, timed on purpose:
     the instance that ran the accuracy pass at batch 64, as qpipe's benchmark stage does. The
@@ -464,16 +465,21 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], val: tuple[torch.Ten
     return evaluate(model, val[0], val[1], batch_size=64, **mean_std)["accuracy"]
 
 
-def interleaved(forms: dict[int, dict[str, Callable]], inputs: dict[int, torch.Tensor],
+def interleaved(forms: dict[int, dict[str, Callable[[], Callable]]], inputs: dict[int, torch.Tensor],
                 args: argparse.Namespace, label: str) -> dict[int, dict[str, list[dict]]]:
     """``results[batch][form]``: one latency measurement per round, forms rotated each round.
-    ``forms[batch]`` holds each runtime's instance for that batch size."""
+    ``forms[batch][form]`` loads that form for that batch size: every round times a freshly
+    loaded instance. One loaded instance keeps a speed of its own: the same OpenVINO IR loaded
+    twice in one process ran 3 to 7% apart, round after round (memory placement; measured here),
+    which a comparison of instances loaded once would report as a difference between forms."""
     results: dict[int, dict[str, list[dict]]] = {bs: {f: [] for f in forms[bs]} for bs in inputs}
     for r in range(args.rounds):
         for bs, x in inputs.items():
             names = list(forms[bs])
             for name in names[r % len(names):] + names[:r % len(names)]:
-                results[bs][name].append(measure(forms[bs][name], x, args))
+                instance = forms[bs][name]()
+                results[bs][name].append(measure(instance, x, args))
+                del instance
             load = round_load(results[bs], -1)
             log(f"{label} round {r + 1}/{args.rounds} batch {bs}: p50 ms "
                 + ", ".join(f"{n} {results[bs][n][-1]['p50_ms']:.2f}" for n in names)
@@ -481,18 +487,22 @@ def interleaved(forms: dict[int, dict[str, Callable]], inputs: dict[int, torch.T
     return results
 
 
-def latency_forms(q: QpipeRun, ov_xml: Path, ort_path: Path, n_threads: int, bs: int) -> dict[str, Callable]:
-    """A freshly loaded instance of each int8 model, for one batch size. ``qpipe`` is what qpipe's
-    report chose for that batch size (a variant on a runtime); ``qpipe_torchscript`` is the
-    selected variant's TorchScript file. The first call's shape matters: qpipe's TorchScript int8
-    (oneDNN kernels) first called at batch 64 runs batch 1 about 2x slower afterwards, so every
-    runtime gets one instance per batch size, as a service with a fixed batch would, and
-    ``qpipe_after_eval`` times the instance that ran the accuracy pass at batch 64 first."""
-    forms = {QPIPE: form_runner(q, str(bs), n_threads, bs), NNCF: OvRunner(ov_xml, n_threads),
-             ORT: OrtRunner(ort_path, n_threads), QPIPE_TORCHSCRIPT: load_torchscript(q.int8_path),
-             QPIPE_AFTER_EVAL: q.int8}
+def latency_forms(q: QpipeRun, ov_xml: Path, ort_path: Path, n_threads: int,
+                  bs: int) -> dict[str, Callable[[], Callable]]:
+    """How to load each int8 model for one batch size, freshly each time (``interleaved``).
+    ``qpipe`` is what qpipe's report chose for that batch size (a variant on a runtime);
+    ``qpipe_torchscript`` is the selected variant's TorchScript file. The first call's shape
+    matters: qpipe's TorchScript int8 (oneDNN kernels) first called at batch 64 runs batch 1
+    about 2x slower afterwards, so every instance is first called at the batch it serves, as a
+    service with a fixed batch would, and ``qpipe_after_eval`` times the one instance that ran
+    the accuracy pass at batch 64 first."""
+    forms = {QPIPE: lambda: form_runner(q, str(bs), n_threads, bs),
+             NNCF: lambda: OvRunner(ov_xml, n_threads, bs),
+             ORT: lambda: OrtRunner(ort_path, n_threads),
+             QPIPE_TORCHSCRIPT: lambda: load_torchscript(q.int8_path),
+             QPIPE_AFTER_EVAL: lambda: q.int8}
     if q.own is not None:  # qpipe's own export on OpenVINO, whatever the report served
-        forms[QPIPE_OWN] = file_runner("openvino", q.own[1], n_threads, bs)
+        forms[QPIPE_OWN] = lambda: file_runner("openvino", q.own[1], n_threads, bs)
     return forms
 
 
