@@ -19,7 +19,8 @@ What it measures
     OpenVINO runner compiles, FakeQuantize nodes of NNCF's IR whose input is not a constant.
 
     Latency: p50 at each batch size with ``--threads`` threads, OpenVINO compiled for that static
-    batch on both sides; ``--rounds`` interleaved rounds (order rotated each round), the ratio
+    batch on both sides, each loaded afresh in each round (``bench.peers.interleaved``: one
+    loaded instance keeps a speed of its own); ``--rounds`` interleaved rounds (order rotated each round), the ratio
     is the median over rounds of qpipe's p50 over NNCF's in the same round. Each round records
     the share of the CPUs other processes used meanwhile, and the ratio is given over the quiet
     rounds (under ``--quiet-threshold``) too.
@@ -50,8 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.int8_vs_fp32 import add_timing_args, cpu_info, measure, median_ratio, parse_batch_sizes, round_load
-from bench.peers import stdout_to_stderr
+from bench.int8_vs_fp32 import add_timing_args, cpu_info, median_ratio, parse_batch_sizes, round_load
+from bench.peers import interleaved, stdout_to_stderr
 from pipeline.bench import threads
 from pipeline.models import build_model
 from pipeline.quant import calibrated, observer_state, prepare_static
@@ -154,17 +155,11 @@ def run_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
              "nncf": nncf_ir(model, images, workdir / f"{arch}-nncf.xml")}
     counts = quantizers(files["qpipe"], files["nncf"])
     log(f"{arch}: activation quantizers {counts}")
-    results: dict[int, dict[str, list[dict]]] = {}
-    with threads(args.threads):
-        for bs in args.batch_sizes:
-            runners = {name: OvRunner(path, args.threads, bs) for name, path in files.items()}
-            x = torch.randn(bs, 3, args.image_size, args.image_size, generator=gen)
-            results[bs] = {name: [] for name in FORMS}
-            for r in range(args.rounds):
-                for name in FORMS[r % 2:] + FORMS[:r % 2]:
-                    results[bs][name].append(measure(runners[name], x, args))
-                log(f"{arch} round {r + 1}/{args.rounds} batch {bs}: p50 ms "
-                    + ", ".join(f"{n} {results[bs][n][-1]['p50_ms']:.3f}" for n in FORMS))
+    inputs = {bs: torch.randn(bs, 3, args.image_size, args.image_size, generator=gen) for bs in args.batch_sizes}
+    loaders = {bs: {name: (lambda path=files[name], bs=bs: OvRunner(path, args.threads, bs)) for name in FORMS}
+               for bs in args.batch_sizes}
+    with threads(args.threads):  # a freshly loaded instance per form and round, as bench/peers.py times them
+        results = interleaved(loaders, inputs, args, arch)
     ratios = {str(bs): round(median_ratio(per["qpipe"], per["nncf"]), 3) for bs, per in results.items()}
     loads = {bs: [round_load(per, r) for r in range(args.rounds)] for bs, per in results.items()}
     quiet = {bs: [r for r, v in enumerate(ls) if v is not None and v < args.quiet_threshold]
