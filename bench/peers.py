@@ -71,14 +71,15 @@ Output
     One JSON object on stdout (everything else, including the peers' progress bars, goes to
     stderr): per case the rows, ``ratios`` and ``targets``, then ``targets`` over all cases:
 
-    * ``latency``: qpipe p50 / the fastest peer's p50 in the same round, at each batch size;
+    * ``latency``: qpipe p50 / the fastest peer's p50 in the same round, at each batch size
+      (median over rounds; ``verdict`` adds the sign test: met, tie or slower, ``judge``);
       met when <= ``--target-ratio`` (1.0), aim ``--aim-ratio`` (0.9);
     * ``accuracy``: qpipe's top-1 drop vs fp32 <= NNCF's plus one validation image (64x64 cases).
 
     A missed target is reported, never an error: the exit status is non-zero only when something
     failed (2 when the ``peers`` extra is missing).
 
-    .venv/bin/python -m bench.peers                # full: 39 min on 2 cores, 64x64 fine-tunes reused (--store)
+    .venv/bin/python -m bench.peers --rounds 9     # full: 37 min on 2 cores, fine-tunes reused (--store)
     .venv/bin/python -m bench.peers --quick        # 1 epoch, one static variant, no 224 case
     .venv/bin/python -m bench.peers --store /tmp/peers-store   # keep (and reuse) qpipe's stages
 """
