@@ -37,7 +37,6 @@ import torch
 from pipeline import runtimes
 from pipeline.data import Preprocess, calibration_indices, load_digits, stratified_split, to_tensors
 from pipeline.errors import ConfigError, StageError
-from pipeline.store import ArtifactRef
 from pipeline.quant import (
     calibrated,
     convert_calibrated,
@@ -48,6 +47,7 @@ from pipeline.quant import (
     quantizable_layers,
     quiet,
 )
+from pipeline.store import ArtifactRef
 from pipeline.train import normalize, train_one_epoch
 
 SIZE = 32
