@@ -730,16 +730,16 @@ def openvino_model(path: Path, core: Any = None) -> Any:
     path = Path(path)
     if path.suffix != ".onnx":
         return core.read_model(str(path))
-    if _importable("onnx") is not None:
-        return _hard_sigmoid_as_hsigmoid(core.read_model(str(path)))
-    import onnx
+    source: str | bytes = str(path)
+    if _importable("onnx") is None:
+        import onnx
 
-    model = onnx.load(str(path))
-    if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
-        return _hard_sigmoid_as_hsigmoid(core.read_model(str(path)))
-    counts = place_quantizers(model, fold_activations=True)
-    log.debug("%s for OpenVINO: %s", path.name, counts)
-    return _hard_sigmoid_as_hsigmoid(core.read_model(model.SerializeToString()))
+        model = onnx.load(str(path))
+        if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+            counts = place_quantizers(model, fold_activations=True)
+            log.debug("%s for OpenVINO: %s", path.name, counts)
+            source = model.SerializeToString()
+    return _hard_sigmoid_as_hsigmoid(core.read_model(source))
 
 
 def _hard_sigmoid_as_hsigmoid(model: Any) -> Any:
