@@ -24,6 +24,8 @@ run: $(STAMP)
 # start servers and worker processes. An xdist worker that has loaded hundreds of models, ONNX
 # Runtime sessions and OpenVINO compiled models holds several GB it never hands back; in one run
 # those workers and the integration tests' servers and workers together exhausted 24 GB.
+# --no-loadscope-reorder (integration run): modules go out in collection order, which
+# tests/conftest.py sorts longest first, instead of by their number of tests.
 # MALLOC_ARENA_MAX: the runtimes start many threads, and glibc's default of 8 heaps per core
 # each keeps its freed memory.
 PYTEST := MALLOC_ARENA_MAX=2 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --tb=native -rfs --durations=15
@@ -31,7 +33,7 @@ PYTEST := MALLOC_ARENA_MAX=2 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2
 test: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench
 	$(PYTEST) -m "not integration"
-	$(PYTEST) -m integration
+	$(PYTEST) --no-loadscope-reorder -m integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench
