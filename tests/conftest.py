@@ -90,15 +90,17 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Finetuned:
     return finetune_once(run / "shared-store")
 
 
-# The integration modules that take an xdist worker longest, in seconds of one worker's time
+# The integration modules (paths from the project root: two test files share a name) that take an
+# xdist worker longest, in seconds of one worker's time
 # (measured from `-v` timestamps of `make test`'s integration run on 2 cores, 2026-12-02; rounded).
 # The integration run hands modules out longest first: xdist's default order (by number of tests)
 # handed tests/test_faults.py out last, and its worker ran on for nearly 4 minutes after the other
 # had finished. Modules not listed follow in collection order; a rough figure is enough.
-LONGEST_MODULES = {"test_faults.py": 690, "test_security.py": 200, "test_after_a_run.py": 190,
-                   "test_distributed.py": 150, "test_scale.py": 110, "test_worker_cpus.py": 90,
-                   "test_poison.py": 90, "test_cli.py": 90, "test_gpu_workers.py": 80, "test_load.py": 75,
-                   "test_metrics.py": 65}
+LONGEST_MODULES = {"tests/test_faults.py": 690, "tests/test_security.py": 200,
+                   "tests/test_after_a_run.py": 190, "tests/test_distributed.py": 150,
+                   "tests/test_scale.py": 110, "tests/test_worker_cpus.py": 90,
+                   "tests/test_poison.py": 90, "tests/test_cli.py": 90, "tests/test_gpu_workers.py": 80,
+                   "tests/test_load.py": 75, "tests/test_metrics.py": 65}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -108,7 +110,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     Tests marked ``gpu`` need a usable CUDA device: without one they are skipped, with the reason
     the probe gives. The probe runs in a child process, so this one never initialises CUDA."""
-    items.sort(key=lambda item: -LONGEST_MODULES.get(item.path.name, 0))
+    items.sort(key=lambda item: -LONGEST_MODULES.get(item.path.relative_to(config.rootpath).as_posix(), 0))
     needs_gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not needs_gpu:
         return
